@@ -1,0 +1,1 @@
+"""Shared code of the sdtrain scripts: model I/O, data pipeline, training loop."""

@@ -1,0 +1,43 @@
+"""Shared test fixtures: tiny random models of every family, written once per test session."""
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+FIXTURES = os.path.join(SHARED, "fixtures")
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir():
+    if not os.path.isdir(FIXTURES):
+        pytest.skip("shared fixtures not found beside the repository")
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """tiny_checkpoint(name) -> path of a seeded tiny single-file checkpoint ('sd1', 'sd2', 'sd2-v', 'sdxl')."""
+    cache = {}
+
+    def make(name: str, seed: int = 0) -> str:
+        key = (name, seed)
+        if key not in cache:
+            from library.families import get_family
+            from library.model_saving import save_models
+            from library.random_models import build_random_models
+
+            family = get_family(name.split("-")[0])
+            models = build_random_models(family, "tiny", seed, v_parameterization=name == "sd2-v")
+            path = str(tmp_path_factory.mktemp("models") / f"tiny-{name}-{seed}.safetensors")
+            save_models(models, path)
+            cache[key] = path
+        return cache[key]
+
+    return make

@@ -1,0 +1,72 @@
+"""The conversion tools as a user runs them: subprocesses, real files, exit codes and messages."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from library import safetensors_io
+from library.model_loading import load_models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_tool(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("family", ["sd2-v", "sdxl"])
+def test_make_convert_and_back(family, tmp_path):
+    src = str(tmp_path / "src.safetensors")
+    r = run_tool("tools/make_random_model.py", "--family", family, "--seed", "3", src)
+    assert r.returncode == 0, r.stderr
+    folder = str(tmp_path / "diffusers_out")
+    r = run_tool("tools/convert_diffusers20_original_sd.py", "--use_safetensors", src, folder)
+    assert r.returncode == 0, r.stderr
+    assert os.path.isfile(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+    back = str(tmp_path / "back.safetensors")
+    r = run_tool("tools/convert_diffusers20_original_sd.py", "--save_precision_as", "fp16",
+                 "--metadata", "{'modelspec.author': 'me'}", folder, back)
+    assert r.returncode == 0, r.stderr
+    a, b = safetensors_io.load_tensors(src), safetensors_io.load_tensors(back)
+    required = {k for k in a if not k.startswith(("betas", "alphas", "sqrt_", "log_one", "posterior_"))}
+    assert required <= b.keys()
+    for k in required:
+        assert b[k].dtype == (torch.float16 if a[k].is_floating_point() else a[k].dtype), k
+        assert torch.equal(b[k], a[k].half() if a[k].is_floating_point() else a[k]), k
+    meta = json.loads(run_tool("tools/show_metadata.py", back).stdout)
+    assert meta["modelspec.author"] == "me"
+    expected = "stable-diffusion-v2-768-v" if family == "sd2-v" else "stable-diffusion-xl-v1-base"
+    assert meta["modelspec.architecture"] == expected
+    assert load_models(back).v_parameterization is (family == "sd2-v")
+
+
+def test_ckpt_output_and_flags(tmp_path):
+    src = str(tmp_path / "m.safetensors")
+    assert run_tool("tools/make_random_model.py", "--family", "sd1", src).returncode == 0
+    out = str(tmp_path / "m.ckpt")
+    r = run_tool("tools/convert_diffusers20_original_sd.py", "--v1", "--epoch", "2", "--global_step", "7", src, out)
+    assert r.returncode == 0, r.stderr
+    saved = torch.load(out, weights_only=True)
+    assert saved["epoch"] == 2 and saved["global_step"] == 7
+    r = run_tool("tools/convert_diffusers20_original_sd.py", "--v2", src, str(tmp_path / "x.safetensors"))
+    assert r.returncode == 2 and "--v2 was given" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_metadata_is_never_evaluated(tmp_path):
+    marker = tmp_path / "ran"
+    payload = f"__import__('os').system('touch {marker}')"
+    r = run_tool("tools/convert_diffusers20_original_sd.py", "--metadata", payload, "in.safetensors", "out.safetensors")
+    assert r.returncode == 2 and "--metadata" in r.stderr
+    assert not marker.exists()
+
+
+def test_bad_input_is_one_line(tmp_path):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    r = run_tool("tools/convert_diffusers20_original_sd.py", str(bad), str(tmp_path / "o.safetensors"))
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: ") and "broken.safetensors" in r.stderr and r.stderr.count("\n") == 1
