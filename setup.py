@@ -19,6 +19,11 @@ BASE = [
     "toml==0.10.2",
     "ftfy==6.3.1",
     "regex==2026.11.19",
+    "dadaptation==3.2",
+    "prodigyopt==1.1.2",
+    "schedulefree==1.4.1",
+    "lion-pytorch==0.2.5",
+    "tensorboard==2.21.0",
 ]
 
 setup(
