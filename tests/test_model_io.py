@@ -254,3 +254,12 @@ def test_family_flags_checked_against_the_file(tiny_checkpoint):
 def test_missing_path_says_nothing_is_downloaded(tmp_path):
     with pytest.raises(UserError, match="never downloaded"):
         load_models("runwayml/stable-diffusion-v1-5")
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_tiny_models_have_the_full_size_key_structure(family):
+    """Same keys as the real model (only widths differ), so tiny-model tests cover real layouts."""
+    full = original_state_dict(full_size_meta_models(FAMILIES[family]))
+    tiny = original_state_dict(build_random_models(FAMILIES[family], "tiny", seed=0))
+    assert set(full) == set(tiny)
+    assert all(full[k].ndim == tiny[k].ndim for k in full)

@@ -1,0 +1,291 @@
+"""Command-line flags of the trainers (sd-scripts' names, defaults and meanings) and `--config_file`.
+
+Only argparse and the standard library are imported here, so `--help` answers at once. Groups
+owned by other modules (dataset, optimizer, noise/loss) are added through their own
+`add_*_arguments` functions.
+
+`--config_file` follows sd-scripts (TOML flattened one level; CLI > TOML > defaults) but checks
+what it reads: an unknown key is an error with a suggestion, and values go through the flag's own
+type conversion, so `resolution = 512` works and `learning_rate = "abc"` is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import sys
+from typing import Dict, Iterable, List, Optional
+
+from library.errors import UserError
+
+SAVE_PRECISIONS = [None, "float", "fp16", "bf16"]
+
+
+def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("console logging")
+    g.add_argument("--console_log_level", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], default=None,
+                   help="console log level (default INFO)")
+    g.add_argument("--console_log_file", type=str, default=None, help="also write the console log to this file")
+    g.add_argument("--console_log_simple", action="store_true", help="plain log lines without levels and names")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, sdxl: bool = False) -> None:
+    g = parser.add_argument_group("model")
+    if not sdxl:
+        g.add_argument("--v2", action="store_true",
+                       help="the model is SD2.x (detected from the weights anyway; a contradiction is an error)")
+    g.add_argument("--v_parameterization", action="store_true",
+                   help="v-prediction model (SD2.x 768-v); also read from a diffusers scheduler config or file metadata")
+    g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
+                   help="base model: single-file .safetensors/.ckpt or a diffusers folder (never downloaded)")
+    g.add_argument("--tokenizer_cache_dir", type=str, default=None,
+                   help="folder to read tokenizers from, or save the offline-built ones to")
+    g.add_argument("--vae", type=str, default=None, help="replace the model's VAE: a file or diffusers folder")
+    g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32 under mixed precision")
+
+
+def add_modelspec_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("modelspec metadata (stored as modelspec.<name>)")
+    for name, what in [("title", "title (default: output_name)"), ("author", "author"), ("description", "description"),
+                       ("license", "license"), ("tags", "comma-separated tags"), ("usage_hint", "usage hint"),
+                       ("thumbnail", "thumbnail image path or data URL"), ("merged_from", "source models"),
+                       ("trigger_phrase", "trigger phrase"), ("preprocessor", "preprocessor"),
+                       ("is_negative_embedding", "mark a negative embedding")]:
+        g.add_argument(f"--metadata_{name}", type=str, default=None, help=f"modelspec {what}")
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, support_dreambooth: bool = True) -> None:
+    g = parser.add_argument_group("output and saving")
+    g.add_argument("--output_dir", type=str, default=None, help="folder for the trained files")
+    g.add_argument("--output_name", type=str, default=None, help="base name of the trained files (default: last)")
+    g.add_argument("--save_precision", choices=SAVE_PRECISIONS, default=None, help="precision of saved weights")
+    g.add_argument("--save_every_n_epochs", type=int, default=None, help="save every N epochs")
+    g.add_argument("--save_every_n_steps", type=int, default=None, help="save every N steps")
+    g.add_argument("--save_n_epoch_ratio", type=int, default=None, help="save about N times over the run")
+    g.add_argument("--save_last_n_epochs", type=int, default=None, help="keep only the last N epoch saves")
+    g.add_argument("--save_last_n_epochs_state", type=int, default=None, help="keep only the last N epoch states")
+    g.add_argument("--save_last_n_steps", type=int, default=None, help="keep only saves of the last N steps")
+    g.add_argument("--save_last_n_steps_state", type=int, default=None, help="keep only states of the last N steps")
+    g.add_argument("--save_state", action="store_true", help="also save the training state (for --resume) at each save")
+    g.add_argument("--save_state_on_train_end", action="store_true", help="save the training state at the end")
+    g.add_argument("--resume", type=str, default=None, help="resume from a saved state folder")
+
+    g = parser.add_argument_group("training")
+    g.add_argument("--train_batch_size", type=int, default=1, help="batch size per device")
+    g.add_argument("--max_token_length", type=int, default=None, choices=[None, 75, 150, 225],
+                   help="caption length in tokens: 75 (default), 150 or 225")
+    g.add_argument("--mem_eff_attn", action="store_true", help="memory-efficient attention (falls back to SDPA)")
+    g.add_argument("--xformers", action="store_true", help="xformers attention (CUDA; falls back to SDPA with a warning)")
+    g.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
+    g.add_argument("--torch_compile", action="store_true", help="compile the U-Net with torch.compile")
+    g.add_argument("--dynamo_backend", type=str, default="inductor", help="torch.compile backend")
+    g.add_argument("--max_train_steps", type=int, default=1600, help="number of optimizer steps")
+    g.add_argument("--max_train_epochs", type=int, default=None, help="number of epochs (overrides --max_train_steps)")
+    g.add_argument("--max_data_loader_n_workers", type=int, default=8, help="image-loading worker threads")
+    g.add_argument("--persistent_data_loader_workers", action="store_true", help="accepted for compatibility")
+    g.add_argument("--seed", type=int, default=None, help="random seed (random when not given; recorded in metadata)")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for memory")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="mixed precision")
+    g.add_argument("--full_fp16", action="store_true", help="train with fp16 weights and gradients")
+    g.add_argument("--full_bf16", action="store_true", help="train with bf16 weights and gradients")
+    g.add_argument("--fp8_base", action="store_true", help="keep the frozen base model in fp8 (CUDA)")
+    g.add_argument("--ddp_timeout", type=int, default=None, help="distributed timeout in minutes")
+    g.add_argument("--ddp_gradient_as_bucket_view", action="store_true", help="DDP option")
+    g.add_argument("--ddp_static_graph", action="store_true", help="DDP option")
+    g.add_argument("--clip_skip", type=int, default=None, help="use the output of the k-th last text-encoder layer")
+    g.add_argument("--lowram", action="store_true", help="accepted for compatibility (loading is already lean)")
+    g.add_argument("--highvram", action="store_true", help="accepted for compatibility")
+    g.add_argument("--initial_epoch", type=int, default=None, help="start counting epochs here (1-based)")
+    g.add_argument("--initial_step", type=int, default=None, help="start counting steps here")
+    g.add_argument("--skip_until_initial_step", action="store_true", help="skip data up to --initial_step")
+
+    g = parser.add_argument_group("logging and samples")
+    g.add_argument("--logging_dir", type=str, default=None, help="log folder (a timestamped sub-folder per run)")
+    g.add_argument("--log_with", choices=["tensorboard", "wandb", "all"], default=None, help="logger")
+    g.add_argument("--log_prefix", type=str, default=None, help="prefix of the run's log folder")
+    g.add_argument("--log_tracker_name", type=str, default=None, help="tracker (project) name")
+    g.add_argument("--wandb_run_name", type=str, default=None, help="wandb run name")
+    g.add_argument("--log_tracker_config", type=str, default=None, help="TOML file of tracker init arguments")
+    g.add_argument("--wandb_api_key", type=str, default=None, help="wandb API key")
+    g.add_argument("--log_config", action="store_true", help="log the run's arguments to the tracker")
+    g.add_argument("--sample_every_n_steps", type=int, default=None, help="generate samples every N steps")
+    g.add_argument("--sample_every_n_epochs", type=int, default=None, help="generate samples every N epochs")
+    g.add_argument("--sample_at_first", action="store_true", help="generate samples before training")
+    g.add_argument("--sample_prompts", type=str, default=None, help="prompts file (.txt, .toml or .json)")
+    g.add_argument("--sample_sampler", type=str, default="ddim", help="sampler for samples (ddim, euler_a, ...)")
+
+    g = parser.add_argument_group("config file")
+    g.add_argument("--config_file", type=str, default=None, help="TOML file of arguments (CLI values take precedence)")
+    g.add_argument("--output_config", action="store_true", help="write the arguments to --config_file and exit")
+    if support_dreambooth:
+        parser.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularization images")
+
+
+def add_masked_loss_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("masked loss")
+    g.add_argument("--conditioning_data_dir", type=str, default=None, help="folder of mask images (R channel)")
+    g.add_argument("--masked_loss", action="store_true", help="weight the loss by masks (or alpha with --alpha_mask)")
+
+
+def add_sdxl_arguments(parser: argparse.ArgumentParser) -> None:
+    """SDXL-only flags; the text-encoder caching flags come with the cache group."""
+    g = parser.add_argument_group("SDXL")
+    g.add_argument("--disable_mmap_load_safetensors", action="store_true", help="accepted for compatibility")
+
+
+def add_network_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("network")
+    g.add_argument("--no_metadata", action="store_true", help="write only the minimum ss_* metadata")
+    g.add_argument("--save_model_as", choices=[None, "ckpt", "pt", "safetensors"], default="safetensors",
+                   help="file format of the trained network")
+    g.add_argument("--unet_lr", type=float, default=None, help="U-Net learning rate (default --learning_rate)")
+    g.add_argument("--text_encoder_lr", type=float, nargs="*", default=None,
+                   help="text-encoder learning rate(s) (default --learning_rate)")
+    g.add_argument("--fp8_base_unet", action="store_true", help="keep only the base U-Net in fp8 (CUDA)")
+    g.add_argument("--network_weights", type=str, default=None, help="start from these network weights")
+    g.add_argument("--network_module", type=str, default="networks.lora",
+                   help="network module: networks.lora, networks.dylora, networks.lora_fa, lycoris.kohya, ...")
+    g.add_argument("--network_dim", type=int, default=None, help="network rank (module default when unset)")
+    g.add_argument("--network_alpha", type=float, default=1.0, help="alpha: the weight scale is alpha / dim")
+    g.add_argument("--network_dropout", type=float, default=None, help="dropout of the network's hidden activations")
+    g.add_argument("--network_args", type=str, nargs="*", default=None, help="module options as key=value")
+    g.add_argument("--network_train_unet_only", action="store_true", help="train only the U-Net part")
+    g.add_argument("--network_train_text_encoder_only", action="store_true", help="train only the text-encoder part")
+    g.add_argument("--training_comment", type=str, default=None, help="free text stored in the metadata")
+    g.add_argument("--dim_from_weights", action="store_true", help="take dims and alphas from --network_weights")
+    g.add_argument("--scale_weight_norms", type=float, default=None, help="max norm of each module's weight update")
+    g.add_argument("--base_weights", type=str, nargs="*", default=None, help="networks merged into the model first")
+    g.add_argument("--base_weights_multiplier", type=float, nargs="*", default=None, help="their multipliers (default 1)")
+    g.add_argument("--network_multiplier", type=float, default=1.0, help="multiplier of the trained network")
+
+
+def parse_network_args(items) -> Dict[str, str]:
+    kwargs = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--network_args {item!r}: expected key=value")
+        kwargs[key.strip()] = value.strip()
+    return kwargs
+
+
+# ---------------------------------------------------------------------------------------------
+# --config_file
+
+
+def _flatten(data: dict, path: str) -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            for k, v in value.items():
+                flat[k] = v
+        else:
+            flat[key] = value
+    return flat
+
+
+def _actions_by_dest(parser: argparse.ArgumentParser) -> dict:
+    return {a.dest: a for a in parser._actions if a.dest != "help"}
+
+
+def _convert(action: argparse.Action, key: str, value, path: str):
+    """Give a TOML value the type the flag would give a command-line string."""
+    if value is None:
+        return None
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise UserError(f"{path}: {key} must be true or false, not {value!r}")
+        return value
+    convert = action.type or (lambda x: x)
+
+    def one(v):
+        try:
+            out = convert(v if isinstance(v, str) else str(v)) if action.type is not None else v
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+            raise UserError(f"{path}: {key} = {v!r} is not valid ({e})") from None
+        if action.choices is not None and out not in action.choices:
+            raise UserError(f"{path}: {key} = {v!r} is not one of {[c for c in action.choices if c is not None]}")
+        return out
+
+    if action.nargs in ("*", "+") or (isinstance(action.nargs, int) and action.nargs > 1):
+        values = value if isinstance(value, list) else [value]
+        return [one(v) for v in values]
+    if isinstance(value, list):
+        raise UserError(f"{path}: {key} takes one value, not a list")
+    if action.type is None and not isinstance(value, str) and action.choices is None:
+        return str(value) if not isinstance(value, (int, float)) else value
+    return one(value)
+
+
+def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
+    import tomllib
+
+    if not path.endswith(".toml"):
+        path = path + ".toml"
+    if not os.path.isfile(path):
+        raise UserError(f"--config_file {path}: no such file")
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
+    flat = _flatten(data, path)
+    actions = _actions_by_dest(parser)
+    values = {}
+    for key, value in flat.items():
+        if key not in actions:
+            close = difflib.get_close_matches(key, actions.keys(), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise UserError(f"{path}: unknown key {key!r}{hint}")
+        values[key] = _convert(actions[key], key, value, path)
+    return values
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse the CLI, then fill values from --config_file where the CLI did not set them."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if args.output_config:
+        write_config(parser, args)
+        sys.exit(0)
+    if args.config_file:
+        from_file = read_config_file(args.config_file, parser)
+        explicit = _explicit_dests(parser, argv)
+        for key, value in from_file.items():
+            if key not in explicit:  # CLI > TOML
+                setattr(args, key, value)
+    return args
+
+
+def _explicit_dests(parser: argparse.ArgumentParser, argv: Iterable[str]) -> set:
+    """Destinations the user set on the command line (option strings, prefix-free as argparse requires)."""
+    by_option = {}
+    for action in parser._actions:
+        for opt in action.option_strings:
+            by_option[opt] = action.dest
+    dests = set()
+    for token in argv:
+        if token.startswith("--"):
+            opt = token.split("=", 1)[0]
+            if opt in by_option:
+                dests.add(by_option[opt])
+    return dests
+
+
+def write_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--output_config: every argument that differs from its default, as flat TOML."""
+    import toml
+
+    if not args.config_file:
+        raise UserError("--output_config needs --config_file PATH to write to")
+    path = args.config_file if args.config_file.endswith(".toml") else args.config_file + ".toml"
+    if os.path.exists(path):
+        raise UserError(f"--output_config: {path} already exists; choose another --config_file")
+    defaults = parser.parse_args([])
+    skip = {"config_file", "output_config", "wandb_api_key"}
+    values = {k: v for k, v in vars(args).items() if k not in skip and getattr(defaults, k, None) != v and v is not None}
+    with open(path, "w", encoding="utf-8") as f:
+        toml.dump(values, f)
+    print(f"wrote {path}")

@@ -1,0 +1,517 @@
+"""The training loop every trainer shares, parameterised by a model family and a task.
+
+Read top to bottom, `train()` does: scan the data (before any model loads), set up devices and
+precision, load the model, let the task make its parameters trainable (inject a LoRA, unfreeze a
+U-Net, add embedding rows...), build caches, optimizer and scheduler, resume, then loop over steps.
+
+Reproducibility is by construction: the batch order of an epoch is a function of (seed, epoch),
+and every random draw of a step (noise, timesteps, dropout) comes from generators seeded by
+(seed, step, micro-batch). A resumed run therefore replays exactly what an uninterrupted run does,
+with only the weights, optimizer and scheduler restored from the state folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from library.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+class Task:
+    """What differs between training a network, a full model, an embedding or LLLite.
+
+    Subclasses override the hooks below; the loop calls them in this order: `validate_args`,
+    `setup`, `param_groups`, then per step `before_step` / `after_step`, and `save` at save points.
+    """
+
+    name = "task"
+    sdxl: Optional[bool] = None  # True for sdxl_* scripts, False for SD1/SD2 scripts
+    artifact_ext = ".safetensors"
+
+    def validate_args(self, args) -> None:
+        pass
+
+    def setup(self, run: "Run") -> None:
+        raise NotImplementedError
+
+    def trains_text_encoder(self, index: int) -> bool:
+        return False
+
+    def trains_unet(self) -> bool:
+        return True
+
+    def param_groups(self, run: "Run") -> tuple:
+        raise NotImplementedError
+
+    def trainable_state(self) -> Dict[str, torch.Tensor]:
+        """Tensors a state folder must hold to resume."""
+        raise NotImplementedError
+
+    def load_trainable_state(self, tensors: Dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def before_step(self, run: "Run", batch: dict) -> None:
+        pass
+
+    def after_step(self, run: "Run") -> Dict[str, float]:
+        return {}
+
+    def save(self, run: "Run", path: str, epoch: int, step: int, final: bool) -> None:
+        raise NotImplementedError
+
+    def unet_extra_kwargs(self, run: "Run", batch: dict) -> dict:
+        return {}
+
+
+@dataclass
+class Run:
+    args: Any
+    accelerator: Any
+    device: torch.device
+    precision: Any
+    family: Any
+    models: Any
+    tokenizers: list
+    conditioner: Any
+    dataset: Any
+    noise_scheduler: Any
+    snr: torch.Tensor
+    noise_settings: Any
+    loss_settings: Any
+    seed: int
+    num_epochs: int = 1
+    max_steps: int = 1
+    steps_per_epoch: int = 1
+    optimizer: Any = None
+    lr_scheduler: Any = None
+    optimizer_name: str = ""
+    optimizer_args: str = ""
+    text_cache: Any = None
+    latent_cache: Any = None
+    started_at: float = field(default_factory=time.time)
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def num_processes(self) -> int:
+        return self.accelerator.num_processes
+
+    def precision_autocast(self):
+        from library.device_setup import autocast
+
+        return autocast(self.device, self.precision)
+
+
+def step_generator(seed: int, step: int, micro: int, device: torch.device) -> torch.Generator:
+    """The generator for every random draw of one micro-batch: a function of (seed, step, micro)."""
+    g = torch.Generator(device=device if device.type == "cuda" else "cpu")
+    g.manual_seed((seed * 1_000_003 + step * 1_009 + micro) % (2**63 - 1))
+    return g
+
+
+# ---------------------------------------------------------------------------------------------
+# set-up
+
+
+def peek_family(args, sdxl: Optional[bool]):
+    """The model family from a cheap look at the model (safetensors header or diffusers configs),
+    else from the flags: enough to scan and check the dataset before anything loads."""
+    from library import checkpoint_io, detect
+    from library.families import SD1, SD2, SDXL, get_family
+
+    path = args.pretrained_model_name_or_path
+    try:
+        if path and os.path.isdir(path):
+            return get_family(detect.detect_diffusers_folder(path))
+        if path and os.path.isfile(path) and checkpoint_io.sniff_format(path) == "safetensors":
+            return get_family(detect.detect_single_file(path, checkpoint_io.read_keys(path)))
+    except UserError:
+        pass  # the real load reports it properly
+    if sdxl:
+        return SDXL
+    return SD2 if getattr(args, "v2", False) else SD1
+
+
+def _freeze(module: torch.nn.Module) -> None:
+    module.requires_grad_(False)
+    module.eval()
+
+
+def prepare_run(args, task: Task):
+    """Everything before the first step; an int (exit status) when --dataset_check ends the run."""
+    from library.dataset_scan import run_dataset_check, scan_from_args
+    from library.device_setup import make_accelerator, resolve_precision, set_attention
+    from library.model_loading import load_models
+    from library.noise import make_noise_scheduler, snr_table
+    from library.text_encoding import TextConditioner, training_clip_skip
+    from library.tokenizer import load_tokenizers
+    from library.train_dataset import TrainDataset
+    from library.train_math import LossSettings, NoiseSettings
+
+    task.validate_args(args)
+    seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
+    args.seed = seed
+
+    # 1. the data, before any model: bad files stop the run here, not an hour in
+    family = peek_family(args, task.sdxl)
+    if args.dataset_check:
+        return run_dataset_check(args, family)
+    scan = scan_from_args(args, family)
+    scan.raise_for_problems()
+
+    # 2. processes, device, precision
+    accelerator = make_accelerator(args)
+    device = accelerator.device
+    precision = resolve_precision(args, device)
+    if not args.pretrained_model_name_or_path:
+        raise UserError("--pretrained_model_name_or_path is required (a local .safetensors/.ckpt file or diffusers folder)")
+
+    # 3. the model, read once in the precision it will run in
+    models = load_models(
+        args.pretrained_model_name_or_path,
+        v2=True if getattr(args, "v2", False) else None,
+        v_parameterization=True if args.v_parameterization else None,
+        sdxl=task.sdxl,
+        dtype=precision.weight_dtype,
+        vae=args.vae,
+    )
+    family = models.family
+    clip_skip, warning = training_clip_skip(family, args.clip_skip)
+    if warning:
+        logger.warning(warning)
+    args.clip_skip = clip_skip
+    tokenizers = load_tokenizers(family, args.pretrained_model_name_or_path, args.tokenizer_cache_dir)
+    for module in [models.unet, models.vae, *models.text_encoders]:
+        _freeze(module)
+    if args.no_half_vae or precision.weight_dtype == torch.float16 and family.is_sdxl:
+        models.vae.to(torch.float32)
+    models.unet.to(device)
+    models.vae.to(device)
+    for te in models.text_encoders:
+        te.to(device)
+    set_attention(models.unet, args, device)
+    if args.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        models.unet.train()  # diffusers checkpoints only in training mode; dropout-free modules, so safe
+
+    noise_scheduler = make_noise_scheduler(args.zero_terminal_snr, models.v_parameterization)
+    noise_settings = NoiseSettings.from_args(args, v_parameterization=models.v_parameterization)
+    loss_settings = LossSettings.from_args(args, v_parameterization=models.v_parameterization)
+    conditioner = TextConditioner(family, tokenizers, models.text_encoders)
+
+    run = Run(
+        args=args, accelerator=accelerator, device=device, precision=precision, family=family, models=models,
+        tokenizers=tokenizers, conditioner=conditioner, dataset=None, noise_scheduler=noise_scheduler,
+        snr=snr_table(noise_scheduler).to(device), noise_settings=noise_settings, loss_settings=loss_settings, seed=seed,
+    )
+
+    # 4. the task makes its parameters trainable
+    task.setup(run)
+
+    # 5. the dataset, and the caches it reads latents and text-encoder outputs from
+    from library.training_caches import attach_caches
+
+    run.dataset = TrainDataset.from_args(scan, family, tokenizers, args, seed=seed)
+    attach_caches(run, task)
+
+    # 6. schedule: steps, epochs
+    batches = run.dataset.num_batches(1)
+    per_step = args.gradient_accumulation_steps * accelerator.num_processes
+    run.steps_per_epoch = max(1, math.ceil(batches / per_step))
+    if args.max_train_epochs:
+        run.max_steps = args.max_train_epochs * run.steps_per_epoch
+    else:
+        run.max_steps = args.max_train_steps
+    run.num_epochs = math.ceil(run.max_steps / run.steps_per_epoch)
+
+    # 7. optimizer and scheduler
+    from library.lr_schedulers import build_lr_scheduler
+    from library.optimizers import build_optimizer
+
+    groups, descriptions = task.param_groups(run)
+    run.extra["group_descriptions"] = descriptions
+    run.optimizer_name, run.optimizer_args, run.optimizer = build_optimizer(args, groups)
+    run.lr_scheduler = build_lr_scheduler(args, run.optimizer, run.max_steps, accelerator.num_processes)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# one step
+
+
+def _latents(run: Run, batch: dict) -> torch.Tensor:
+    if "latents" in batch:
+        latents = batch["latents"].to(run.device)
+    else:
+        vae = run.models.vae
+        with torch.no_grad():
+            images = batch["images"].to(run.device, dtype=next(vae.parameters()).dtype)
+            latents = vae.encode(images).latent_dist.sample()
+    return (latents * run.family.latent_scale).to(run.precision.weight_dtype)
+
+
+def _conditioning(run: Run, batch: dict, task: Task):
+    if "text_outputs" in batch:
+        from library.text_encoding import Conditioning
+
+        outs = batch["text_outputs"]
+        context = torch.stack([o.context for o in outs]).to(run.device)
+        pooled = torch.stack([o.pooled for o in outs]).to(run.device) if outs[0].pooled is not None else None
+        return Conditioning(context, pooled)
+    ids = [t.to(run.device) for t in batch["input_ids"]]
+    weights = batch.get("input_id_weights")
+    if weights is not None:
+        weights = [w.to(run.device) for w in weights]
+    trains_te = any(task.trains_text_encoder(i) for i in range(len(ids)))
+    with torch.set_grad_enabled(trains_te), run.precision_autocast():
+        return run.conditioner.encode_tokens(ids, run.args.clip_skip, weights)
+
+
+def micro_step_loss(run: Run, task: Task, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    from library.losses import compute_loss, latent_mask
+    from library.noise import forward_process, target
+
+    latents = _latents(run, batch)
+    cond = _conditioning(run, batch, task)
+    noise, noisy, timesteps = forward_process(run.noise_scheduler, latents, run.noise_settings, generator)
+    kwargs = task.unet_extra_kwargs(run, batch)
+    if run.family.is_sdxl:
+        time_ids = torch.cat([batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]], dim=1)
+        kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled.to(run.device), "time_ids": time_ids.to(run.device)}
+    with run.precision_autocast():
+        pred = run.models.unet(noisy, timesteps, cond.context, **kwargs).sample
+    want = target(run.noise_scheduler, latents, noise, timesteps, run.loss_settings.v_parameterization)
+    mask = None
+    if "alpha_masks" in batch and (run.args.masked_loss or run.args.alpha_mask):
+        mask = latent_mask(batch["alpha_masks"].to(run.device), pred.shape[-2:])
+    return compute_loss(pred.float(), want.float(), timesteps, run.snr, run.loss_settings, mask,
+                        batch["loss_weights"].to(run.device))
+
+
+def _sync_gradients(run: Run, params: List[torch.Tensor], micro_batches: int) -> None:
+    """Average gradients over micro-batches and processes (an explicit all-reduce, so any module
+    layout works, patched forwards included)."""
+    count = torch.tensor([float(micro_batches)], device=run.device)
+    for p in params:
+        if p.grad is None:  # every process must reduce the same tensors, even with no batch this step
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    if run.num_processes > 1:
+        import torch.distributed as dist
+
+        flat = torch.cat([g.reshape(-1) for g in grads]) if grads else torch.zeros(0, device=run.device)
+        dist.all_reduce(flat)
+        dist.all_reduce(count)
+        offset = 0
+        for g in grads:
+            n = g.numel()
+            g.copy_(flat[offset:offset + n].view_as(g))
+            offset += n
+    for g in grads:
+        g.div_(max(1.0, count.item()))
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+def _micro_batches(run: Run, batches, step_in_epoch: int) -> list:
+    """This process's micro-batches for one optimizer step: the step owns the consecutive
+    batches [k·A·P, (k+1)·A·P) of the epoch; process p takes every P-th of them."""
+    per_step = run.args.gradient_accumulation_steps * run.num_processes
+    start = step_in_epoch * per_step
+    own = range(start + run.accelerator.process_index, min(start + per_step, len(batches)), run.num_processes)
+    return [(i - start, batches[i]) for i in own]
+
+
+class _EpochJobs(torch.utils.data.Dataset):
+    """The micro-batches this process loads in one epoch, in order, as (step, index, batch dict).
+
+    Loading runs in DataLoader workers (single-threaded, so small image ops do not fight the
+    model's threads) while the main process trains on the previous batch."""
+
+    def __init__(self, run: Run, epoch: int, first_step: int, first_step_in_epoch: int):
+        self.dataset = run.dataset
+        self.epoch = epoch
+        batches = run.dataset.epoch_batches(epoch)
+        self.jobs = []
+        step = first_step
+        for k in range(first_step_in_epoch, run.steps_per_epoch):
+            if step >= run.max_steps:
+                break
+            for index, batch in _micro_batches(run, batches, k):
+                self.jobs.append((step, index, batch))
+            step += 1
+        self.steps = step - first_step
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, i: int):
+        step, index, batch = self.jobs[i]
+        return step, index, self.dataset.load_batch(batch, self.epoch, step)
+
+
+def _loader(run: Run, jobs: _EpochJobs):
+    workers = min(run.args.max_data_loader_n_workers or 0, os.cpu_count() or 1)
+    if workers == 0:
+        return (jobs[i] for i in range(len(jobs)))
+    return torch.utils.data.DataLoader(jobs, batch_size=None, shuffle=False, num_workers=workers,
+                                       collate_fn=lambda item: item, prefetch_factor=2)
+
+
+def _by_step(items):
+    """Group consecutive (step, index, batch) items into (step, [(index, batch)...])."""
+    current, group = None, []
+    for step, index, batch in items:
+        if current is not None and step != current:
+            yield current, group
+            group = []
+        current = step
+        group.append((index, batch))
+    if group:
+        yield current, group
+
+
+def _check_finite(run: Run, loss: torch.Tensor, step: int, batch: dict) -> None:
+    if not torch.isfinite(loss):
+        paths = ", ".join(os.path.basename(p) for p in batch.get("image_paths", []))
+        raise UserError(
+            f"step {step}: the loss is {loss.item()} (not finite) on images [{paths}]; stopped without saving this "
+            "step. Lower --learning_rate, use --mixed_precision bf16 instead of fp16, or check those images"
+        )
+
+
+def _resume(run: Run, task: Task):
+    from library.train_state import load_state
+
+    tensors, opt_state, sched_state, position, _ = load_state(run.args.resume)
+    task.load_trainable_state(tensors)
+    run.optimizer.load_state_dict(opt_state)
+    if run.lr_scheduler is not None and sched_state:
+        run.lr_scheduler.load_state_dict(sched_state)
+    if position.seed != run.seed:
+        logger.info("resume: using the state's seed %d", position.seed)
+        run.seed = position.seed
+        run.dataset.seed = position.seed
+    logger.info("resumed from %s at epoch %d, step %d", run.args.resume, position.epoch, position.step)
+    return position
+
+
+def _save_between_steps(run: Run, task: Task, policy, epoch: int, step: int, kind: str) -> None:
+    from library.optimizers import optimizer_eval_mode, optimizer_train_mode
+
+    optimizer_eval_mode(run.optimizer)  # schedule-free optimizers save their averaged weights
+    _save_point(run, task, policy, epoch, step, kind)
+    optimizer_train_mode(run.optimizer)
+
+
+def _save_point(run: Run, task: Task, policy, epoch: int, step: int, kind: str) -> None:
+    """epoch: the 1-based number used in file names. A state records `step`, which is all a resumed
+    run needs to find its place (every epoch has the same number of steps)."""
+    from library.train_state import Position
+
+    from library import save_policy as names
+    from library.train_state import save_state
+
+    run.accelerator.wait_for_everyone()
+    if not run.is_main:
+        return
+    if kind == "epoch":
+        file, state = names.epoch_name(policy.name, epoch, policy.ext), names.epoch_state_name(policy.name, epoch)
+    elif kind == "step":
+        file, state = names.step_name(policy.name, step, policy.ext), names.step_state_name(policy.name, step)
+    else:
+        file, state = names.final_name(policy.name, policy.ext), names.final_state_name(policy.name)
+    task.save(run, policy.path(file), epoch, step, final=kind == "final")
+    logger.info("saved %s", policy.path(file))
+    want_state = policy.save_state if kind != "final" else (run.args.save_state or run.args.save_state_on_train_end)
+    if want_state:
+        position = Position(epoch=step // run.steps_per_epoch, step=step,
+                            batch_in_epoch=(step % run.steps_per_epoch) * run.args.gradient_accumulation_steps * run.num_processes,
+                            seed=run.seed)
+        save_state(policy.path(state), task.trainable_state(), run.optimizer, run.lr_scheduler, position)
+    if kind == "epoch":
+        policy.prune_after_epoch(epoch)
+    elif kind == "step":
+        policy.prune_after_step(step)
+
+
+def train(args, task: Task):
+    """Run training; returns the Run, or an exit status when --dataset_check was asked."""
+    from tqdm import tqdm
+
+    from library.optimizers import optimizer_eval_mode, optimizer_train_mode
+    from library.save_policy import SavePolicy
+    from library.train_logging import TrainLogger
+
+    run = prepare_run(args, task)
+    if isinstance(run, int):
+        return run
+    os.makedirs(args.output_dir, exist_ok=True)
+    policy = SavePolicy.from_args(args, task.artifact_ext, run.num_epochs)
+    params = [p for g in run.optimizer.param_groups for p in g["params"]]
+
+    step = 0
+    if args.resume:
+        step = _resume(run, task).step
+    tracker = TrainLogger(run)
+    progress = tqdm(total=run.max_steps, initial=step, disable=not run.is_main, desc="steps", smoothing=0.1)
+    logger.info(
+        "training %s on %s: %d steps, %d epochs, %d batches per epoch, batch size %d, %s",
+        task.name, run.device, run.max_steps, run.num_epochs, run.dataset.num_batches(1), args.train_batch_size,
+        run.precision.mixed_precision if run.precision.mixed_precision != "no" else "float32",
+    )
+    optimizer_train_mode(run.optimizer)
+    per_epoch = run.steps_per_epoch  # every epoch has this many steps, so the step number says where we are
+    while step < run.max_steps:
+        epoch = step // per_epoch  # finished epochs
+        jobs = _EpochJobs(run, epoch + 1, step, step % per_epoch)
+        for _, micro in _by_step(_loader(run, jobs)):
+            total = 0.0
+            for index, batch in micro:
+                task.before_step(run, batch)
+                generator = step_generator(run.seed, step, index, run.device)
+                torch.manual_seed(generator.initial_seed())  # dropout in adapters draws from the global RNG
+                loss = micro_step_loss(run, task, batch, generator)
+                _check_finite(run, loss, step + 1, batch)
+                loss.backward()
+                total += loss.item()
+            _sync_gradients(run, params, len(micro))
+            if args.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            run.optimizer.step()
+            if run.lr_scheduler is not None:
+                run.lr_scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            logs = task.after_step(run)
+            step += 1
+            progress.update(1)
+            avg = tracker.step(step, epoch + 1, total / max(1, len(micro)), logs)
+            progress.set_postfix(loss=f"{avg:.4f}")
+            if policy.step_due(step, run.max_steps):
+                _save_between_steps(run, task, policy, epoch + 1, step, "step")
+        if step % per_epoch == 0:
+            finished = step // per_epoch
+            tracker.epoch_end(finished)
+            if step < run.max_steps and policy.epoch_due(finished, run.num_epochs):
+                _save_between_steps(run, task, policy, finished, step, "epoch")
+    progress.close()
+    optimizer_eval_mode(run.optimizer)
+    _save_point(run, task, policy, math.ceil(step / per_epoch), step, "final")
+    tracker.close()
+    run.accelerator.end_training()
+    return run

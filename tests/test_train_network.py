@@ -1,0 +1,97 @@
+"""train_network.py end to end on a tiny model and the bundled photos."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from library import safetensors_io
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "camera", "immunohistochemistry"]
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory):
+    """A DreamBooth folder `4_subject` with six photos of different aspect ratios and captions."""
+    import skimage.data
+
+    root = tmp_path_factory.mktemp("data")
+    folder = root / "4_subject"
+    folder.mkdir()
+    for i, name in enumerate(PHOTOS):
+        array = getattr(skimage.data, name)()
+        if array.ndim == 2:
+            array = np.stack([array] * 3, axis=-1)
+        image = Image.fromarray(array[..., :3])
+        w, h = image.size
+        crops = [(0, 0, w, h), (0, 0, w, h * 2 // 3), (0, 0, w * 2 // 3, h)]
+        image = image.crop(crops[i % 3]).resize((96 + 32 * (i % 2), 96))
+        image.save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(f"a photo of {name}", encoding="utf-8")
+    return str(root)
+
+
+def train_args(model, data, out, *extra):
+    return [
+        "--pretrained_model_name_or_path", model, "--train_data_dir", data, "--output_dir", out,
+        "--output_name", "lora", "--resolution", "64", "--enable_bucket", "--min_bucket_reso", "64",
+        "--max_bucket_reso", "128", "--bucket_reso_steps", "64", "--train_batch_size", "2", "--caption_extension", ".txt",
+        "--network_module", "networks.lora", "--network_dim", "4", "--learning_rate", "1e-3", "--seed", "7",
+        "--max_data_loader_n_workers", "0", *extra,
+    ]
+
+
+def run_training(args):
+    from library.script_parsers import network_parser
+    from library.task_network import NetworkTask
+    from library.train_args import parse_args
+    from library.trainer import train
+
+    parsed = parse_args(network_parser(sdxl=False, description=""), args)
+    return train(parsed, NetworkTask(sdxl=False))
+
+
+def test_lora_trains_and_saves_fixture_layout(tiny_checkpoint, photo_dir, tmp_path, fixtures_dir):
+    out = str(tmp_path / "out")
+    run = run_training(train_args(tiny_checkpoint("sd1"), photo_dir, out, "--max_train_steps", "6",
+                                  "--network_args", "conv_dim=2", "conv_alpha=1"))
+    path = os.path.join(out, "lora.safetensors")
+    assert os.path.isfile(path)
+    tensors = safetensors_io.load_tensors(path)
+    metadata = safetensors_io.read_metadata(path)
+    fixture = json.load(open(os.path.join(fixtures_dir, "sd-scripts", "lora_sd15_c3lier_dim4_conv4.keys.json")))
+    names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in tensors}
+    fixture_names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in fixture["tensors"]}
+    assert names == fixture_names  # same modules as sd-scripts' C3Lier file, tiny widths
+    missing_meta = set(fixture["metadata"]) - set(metadata)
+    assert not missing_meta, sorted(missing_meta)
+    assert metadata["ss_network_module"] == "networks.lora"
+    assert metadata["ss_steps"] == "6" and metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert run.seed == 7
+
+
+def test_kill_and_resume_gives_the_same_weights(tiny_checkpoint, photo_dir, tmp_path):
+    model = tiny_checkpoint("sd1")
+    straight = str(tmp_path / "straight")
+    run_training(train_args(model, photo_dir, straight, "--max_train_steps", "6"))
+    first = str(tmp_path / "first")
+    run_training(train_args(model, photo_dir, first, "--max_train_steps", "6", "--save_every_n_steps", "4",
+                            "--save_state"))
+    state = os.path.join(first, "lora-step00000004-state")
+    assert os.path.isdir(state)
+    resumed = str(tmp_path / "resumed")
+    run_training(train_args(model, photo_dir, resumed, "--max_train_steps", "6", "--resume", state))
+    a = safetensors_io.load_tensors(os.path.join(straight, "lora.safetensors"))
+    b = safetensors_io.load_tensors(os.path.join(resumed, "lora.safetensors"))
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= 1e-6
+    changed = max(float(a[k].abs().max()) for k in a if "lora_up" in k)
+    assert changed > 0  # training moved the up weights away from their zero init

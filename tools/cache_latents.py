@@ -1,0 +1,98 @@
+"""Encode the latents of a dataset into the disk cache, exactly where a training run looks them up.
+
+    python tools/cache_latents.py --pretrained_model_name_or_path MODEL --train_data_dir DIR --resolution 512 \
+        [--enable_bucket ...] [--flip_aug] [--vae_batch_size 4] [--cache_dir DIR]
+
+Use the same model, VAE, precision and dataset flags (or --dataset_config) as the training run: the
+cache is keyed on image contents, crop, flip and VAE weights, so the run then finds every entry and
+encodes nothing. Entries already cached and intact are skipped (`--skip_existing` is accepted for
+compatibility; skipping is always on). Only the VAE is read from the checkpoint.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from library.cli import run  # noqa: E402
+from library.dataset_config import add_config_arguments, add_dataset_arguments  # noqa: E402
+from library.latent_cache import add_cache_arguments  # noqa: E402
+
+DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """Model flags shared by the cache tools (names as in sd-scripts)."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", type=str, required=True,
+                   help="single-file checkpoint (.safetensors/.ckpt) or diffusers folder (never downloaded)")
+    g.add_argument("--v2", action="store_true", help="the model is SD2.x (detected anyway; a contradiction is an error)")
+    g.add_argument("--v_parameterization", action="store_true", help="accepted for compatibility (no effect on caches)")
+    g.add_argument("--sdxl", action="store_true", help="the model is SDXL (detected anyway; a contradiction is an error)")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no",
+                   help="precision of the models while encoding; use the training run's value")
+    g.add_argument("--skip_existing", action="store_true", help="accepted for compatibility: intact entries are always kept")
+    g.add_argument("--max_data_loader_n_workers", type=int, default=None, help="image-decoding threads (default: up to 4)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(p)
+    p.add_argument("--vae", type=str, default=None, help="use this VAE (file or diffusers folder) instead of the model's")
+    p.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32 under --mixed_precision")
+    add_dataset_arguments(p, support_dreambooth=True, support_caption=True, support_caption_dropout=True)
+    add_config_arguments(p)
+    add_cache_arguments(p, support_text_encoder_caching=False)
+    return p
+
+
+def vae_dtype(args):
+    import torch
+
+    return torch.float32 if args.no_half_vae else getattr(torch, DTYPES[args.mixed_precision])
+
+
+def load_config(args, family):
+    """The resolved dataset config, checked as a caching training run of this family checks it."""
+    from library.dataset_config import check_bucket_reso_steps, load_dataset_config
+
+    args.cache_latents = True  # makes the config loader refuse color_aug / random_crop
+    config = load_dataset_config(args.dataset_config, args)
+    check_bucket_reso_steps(config, 32 if family.is_sdxl else 64)
+    return config
+
+
+def detect_family(args):
+    from library.latent_cache import detect_model_family
+
+    return detect_model_family(args.pretrained_model_name_or_path, v2=True if args.v2 else None,
+                               sdxl=True if args.sdxl else None)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from library.latent_cache import CacheSettings, LatentCache, collect_cache_items, disk_location, latent_samples_of
+    from library.latent_cache import load_vae_for_caching
+
+    settings = CacheSettings.from_args(args)
+    family = detect_family(args)
+    config = load_config(args, family)
+    vae = load_vae_for_caching(args.pretrained_model_name_or_path, family, args.vae, vae_dtype(args))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vae.to(device).eval()
+
+    items = collect_cache_items(config, num_workers=max(1, min(4, os.cpu_count() or 1)))
+    samples = latent_samples_of(items)
+    print(f"{len(items)} images, {len(samples)} latent samples ({family.title}, VAE {vae_dtype(args)}, {device})")
+    cache = LatentCache(vae, family, disk_location(args.cache_dir), settings.vae_batch_size,
+                        skip_check=settings.skip_check, load_workers=args.max_data_loader_n_workers)
+    stats = cache.ensure(samples)
+    where = args.cache_dir or "a .sdtrain_cache folder in each image folder"
+    print(f"latents: {stats.summary('samples')}; cache: {where}")
+
+
+if __name__ == "__main__":
+    run(main)
