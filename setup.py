@@ -39,7 +39,7 @@ setup(
         "cuda": ["xformers", "bitsandbytes==0.50.2"],
         "onnx-gpu": ["onnxruntime-gpu"],
         "onnx": ["onnxruntime==1.31.1"],
-        "lycoris": ["lycoris-lora==4.1.3"],
+        "lycoris": ["lycoris-lora==3.4.0"],
         "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "scikit-image==0.26.0"],
     },
 )

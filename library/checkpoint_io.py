@@ -80,10 +80,9 @@ def _flatten_pickle(obj: object, path: str) -> tuple:
     return tensors, extra
 
 
-def read_checkpoint(
-    path: str, dtype: Optional[torch.dtype] = None, select: Optional[Callable[[str], bool]] = None
-) -> Checkpoint:
-    """Load tensors (optionally only the keys `select` accepts), floating ones converted to `dtype`."""
+def read_checkpoint(path: str, dtype=None, select: Optional[Callable[[str], bool]] = None) -> Checkpoint:
+    """Load tensors (optionally only the keys `select` accepts), floating ones converted to `dtype`
+    (a dtype, or a function of the key returning one or None)."""
     _check_exists(path)
     if os.path.isdir(path):
         raise UserError(f"{path}: is a folder; expected a checkpoint file")
@@ -97,7 +96,10 @@ def read_checkpoint(
         if select is not None:
             tensors = {k: v for k, v in tensors.items() if select(k)}
         if dtype is not None:
-            tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
+            for k, v in tensors.items():
+                want = dtype(k) if callable(dtype) else dtype
+                if want is not None and v.is_floating_point():
+                    tensors[k] = v.to(want)
         return Checkpoint(path, tensors, {}, extra, "pickle")
     if path.endswith(".safetensors"):
         raise UserError(f"{path}: not a valid safetensors file; is it truncated or another format?")

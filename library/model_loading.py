@@ -132,7 +132,13 @@ def load_single_file(
     keys = list(checkpoint_io.read_keys(path))
     family = resolve_family(detect.detect_single_file(path, keys), path, v2, sdxl)
     select = None if keep_ema else (lambda k: not k.startswith(EMA_PREFIX))
-    ckpt = checkpoint_io.read_checkpoint(path, dtype=dtype, select=select)
+    model_prefixes = (detect.UNET_PREFIX, detect.VAE_PREFIX) + tuple(s.single_file_prefix for s in family.text_encoders)
+
+    def dtype_for(key: str):
+        # schedule buffers, EMA and other extras keep the file's dtype, so a re-save is exact
+        return dtype if key.startswith(model_prefixes) else None
+
+    ckpt = checkpoint_io.read_checkpoint(path, dtype=dtype_for if dtype is not None else None, select=select)
     tensors = ckpt.tensors
 
     unet = build_unet(unet_convert.ldm_to_diffusers(_split_prefix(tensors, detect.UNET_PREFIX)), family)

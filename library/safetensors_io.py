@@ -93,13 +93,14 @@ def _as_bytes(t: torch.Tensor):
 
 def load_tensors(
     path: str,
-    dtype: Optional[torch.dtype] = None,
+    dtype=None,
     select: Optional[Callable[[str], bool]] = None,
     header: Optional[SafetensorsHeader] = None,
 ) -> Dict[str, torch.Tensor]:
     """Read tensors (all, or those `select` accepts) into fresh CPU tensors.
 
-    Floating-point tensors are converted to `dtype` when given; integer tensors keep theirs.
+    Floating-point tensors are converted to `dtype` when given (a dtype, or a function of the
+    tensor name returning one or None); integer tensors keep theirs.
     """
     header = header or read_header(path)
     names = [k for k in header.tensors if select is None or select(k)]
@@ -117,10 +118,17 @@ def load_tensors(
                 f.seek(header.data_start + info.begin)
                 if f.readinto(_as_bytes(t)) != nbytes:
                     raise UserError(f"{path}: file is truncated at tensor {name!r}; re-download or re-save it")
-            if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-                t = t.to(dtype)
+            want = dtype(name) if callable(dtype) else dtype
+            if want is not None and t.is_floating_point() and t.dtype != want:
+                t = t.to(want)
             out[name] = t
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -135,6 +143,7 @@ def atomic_path(path: str, suffix: str = ""):
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; saved models get the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -20,6 +20,31 @@ from library.trainer import Run, Task
 logger = logging.getLogger(__name__)
 
 
+class ClassicTextEncoderView(torch.nn.Module):
+    """A transformers-5 `CLIPTextModel` seen under the classic `text_model.` module path.
+
+    Plugins name their modules by walking `named_modules()`; through this view they produce the
+    `lora_te_text_model_encoder_...` names every other tool expects. The view owns no weights:
+    patching its modules patches the real encoder."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.text_model = encoder
+
+    def forward(self, *args, **kwargs):
+        return self.text_model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["text_model"], name)
+
+
+def classic_view(encoder: torch.nn.Module) -> torch.nn.Module:
+    return encoder if hasattr(encoder, "text_model") else ClassicTextEncoderView(encoder)
+
+
 class NetworkTask(Task):
     name = "network"
 
@@ -57,6 +82,8 @@ class NetworkTask(Task):
 
     def _text_encoder_arg(self, run: Run):
         tes = run.models.text_encoders
+        if not run.args.network_module.startswith("networks."):
+            tes = [classic_view(te) for te in tes]  # third-party plugins name modules by path
         return tes if len(tes) > 1 else tes[0]
 
     def _import_module(self, name: str):

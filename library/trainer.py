@@ -220,6 +220,7 @@ def prepare_run(args, task: Task):
 
     # 4. the task makes its parameters trainable
     task.setup(run)
+    run.extra["task"] = task
 
     # 5. the dataset, and the caches it reads latents and text-encoder outputs from
     from library.training_caches import attach_caches
@@ -469,12 +470,12 @@ def train(args, task: Task):
     if args.resume:
         step = _resume(run, task).step
     tracker = TrainLogger(run)
-    progress = tqdm(total=run.max_steps, initial=step, disable=not run.is_main, desc="steps", smoothing=0.1)
     logger.info(
         "training %s on %s: %d steps, %d epochs, %d batches per epoch, batch size %d, %s",
         task.name, run.device, run.max_steps, run.num_epochs, run.dataset.num_batches(1), args.train_batch_size,
         run.precision.mixed_precision if run.precision.mixed_precision != "no" else "float32",
     )
+    progress = tqdm(total=run.max_steps, initial=step, disable=not run.is_main, desc="steps", smoothing=0.1)
     optimizer_train_mode(run.optimizer)
     per_epoch = run.steps_per_epoch  # every epoch has this many steps, so the step number says where we are
     while step < run.max_steps:

@@ -95,3 +95,57 @@ def test_kill_and_resume_gives_the_same_weights(tiny_checkpoint, photo_dir, tmp_
     assert worst <= 1e-6
     changed = max(float(a[k].abs().max()) for k in a if "lora_up" in k)
     assert changed > 0  # training moved the up weights away from their zero init
+
+
+def fixed_losses(run, task, n_batches=6):
+    """Loss on the first batches of epoch 1 with fixed noise and timesteps."""
+    from library.trainer import micro_step_loss, step_generator
+
+    batches = run.dataset.epoch_batches(1)
+    out = []
+    with torch.no_grad():
+        for k in range(min(n_batches, len(batches))):
+            batch = run.dataset.load_batch(batches[k], 1, 0)
+            out.append(float(micro_step_loss(run, task, batch, step_generator(123, k, 0, run.device))))
+    return sum(out) / len(out)
+
+
+def test_loss_falls_on_the_bundled_photos(tiny_checkpoint, photo_dir, tmp_path):
+    run = run_training(train_args(tiny_checkpoint("sd1"), photo_dir, str(tmp_path / "o"), "--max_train_steps", "30",
+                                  "--cache_latents", "--learning_rate", "3e-3"))
+    task = run.extra["task"]
+    trained = fixed_losses(run, task)
+    task.network.set_multiplier(0.0)  # the base model: the LoRA starts as a no-op
+    base = fixed_losses(run, task)
+    assert trained < base * 0.97, (trained, base)
+
+
+def test_sdxl_lora_with_cached_text_encoder_outputs(tiny_checkpoint, photo_dir, tmp_path, fixtures_dir):
+    from library.script_parsers import network_parser
+    from library.task_network import NetworkTask
+    from library.train_args import parse_args
+    from library.trainer import train
+
+    out = str(tmp_path / "xl")
+    args = train_args(tiny_checkpoint("sdxl"), photo_dir, out, "--max_train_steps", "3", "--cache_latents",
+                      "--cache_text_encoder_outputs", "--network_train_unet_only")
+    args[args.index("--bucket_reso_steps") + 1] = "32"
+    train(parse_args(network_parser(sdxl=True, description=""), args), NetworkTask(sdxl=True))
+    tensors = safetensors_io.load_tensors(os.path.join(out, "lora.safetensors"))
+    fixture = json.load(open(os.path.join(fixtures_dir, "sd-scripts", "lora_sdxl_unet_only_dim4.keys.json")))
+    assert set(tensors) == set(fixture["tensors"])  # SGM U-Net names, every module sd-scripts trains
+    meta = safetensors_io.read_metadata(os.path.join(out, "lora.safetensors"))
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+
+
+def test_third_party_plugin_lycoris_lokr(tiny_checkpoint, photo_dir, tmp_path):
+    pytest.importorskip("lycoris", reason="lycoris-lora is an optional dependency")
+    out = str(tmp_path / "lokr")
+    run_training(train_args(tiny_checkpoint("sd1"), photo_dir, out, "--max_train_steps", "2",
+                            "--network_module", "lycoris.kohya", "--network_args", "algo=lokr", "factor=4"))
+    tensors = safetensors_io.load_tensors(os.path.join(out, "lora.safetensors"))
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.lokr_") for k in tensors)
+    assert any(k.startswith("lora_unet_down_blocks_0_attentions_0_proj_in.lokr_") for k in tensors)
+    meta = safetensors_io.read_metadata(os.path.join(out, "lora.safetensors"))
+    assert meta["ss_network_module"] == "lycoris.kohya"
