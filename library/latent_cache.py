@@ -507,6 +507,10 @@ class CacheStats:
     hashed_files: int = 0  # image files whose bytes were hashed
     seconds: float = 0.0
 
+    def add(self, other: "CacheStats") -> None:
+        for name in ("requested", "unique", "hits", "encoded", "damaged", "other_process", "hashed_files", "seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
     def summary(self, what: str) -> str:
         parts = [f"{self.unique} {what}", f"{self.hits} cached", f"{self.encoded} encoded"]
         if self.damaged:
@@ -514,6 +518,42 @@ class CacheStats:
         if self.other_process:
             parts.append(f"{self.other_process} left to other processes")
         return ", ".join(parts) + f" in {self.seconds:.1f} s"
+
+
+def plan_fill(store: "EntryStore", keyed: Iterable, stats: CacheStats, process_index: int, num_processes: int,
+              check: Callable) -> tuple:
+    """Split (key, image_path, sample) items into the entries to encode, counting hits in `stats`.
+
+    Duplicates collapse to one entry (per cache folder when the cache lives beside the images).
+    With several processes on a disk cache, process p takes the distinct entries whose index is p
+    modulo num_processes. check(path, key, sample) -> None (valid), "missing" or a damage reason.
+    Returns (missing [(key, sample)], damaged [(path, reason)])."""
+    unique: dict = {}
+    for key, image_path, sample in keyed:
+        where = None if store.in_memory else store.root(image_path)
+        unique.setdefault((key, where), (image_path, sample))
+    stats.unique = len(unique)
+    missing, damaged = [], []
+    for index, ((key, _), (image_path, sample)) in enumerate(unique.items()):
+        if store.in_memory:
+            if key in store.memory:
+                stats.hits += 1
+            else:
+                missing.append((key, sample))
+            continue
+        if num_processes > 1 and index % num_processes != process_index:
+            stats.other_process += 1
+            continue
+        path = store.path_for(key, image_path)
+        reason = check(path, key, sample)
+        if reason is None:
+            stats.hits += 1
+            continue
+        if reason != "missing":
+            damaged.append((path, reason))
+        missing.append((key, sample))
+    stats.damaged = len(damaged)
+    return missing, damaged
 
 
 def warn_damaged(damaged: list, what: str) -> None:
@@ -639,50 +679,22 @@ class LatentCache:
         samples = [as_latent_sample(s) for s in samples]
         hashed_before = self.hasher.hashed
         stats = CacheStats(requested=len(samples))
-        unique: dict = {}
-        for key, sample in zip(self.keys(samples), samples):
-            # Beside the images, a file copied into two folders has an entry in each.
-            where = None if self.store.in_memory else self.store.root(sample.path)
-            unique.setdefault((key, where), sample)
-        stats.unique = len(unique)
-        missing, damaged = [], []
-        for index, ((key, _), sample) in enumerate(unique.items()):
-            if self.store.in_memory:
-                if key in self.store.memory:
-                    stats.hits += 1
-                else:
-                    missing.append((key, sample))
-                continue
-            if num_processes > 1 and index % num_processes != process_index:
-                stats.other_process += 1
-                continue
-            path = self.store.path_for(key, sample.path)
-            reason = self._check(path, key, sample)
-            if reason is None:
-                stats.hits += 1
-                continue
-            if reason != "missing":
-                damaged.append((path, reason))
-            missing.append((key, sample))
+        keyed = [(key, sample.path, sample) for key, sample in zip(self.keys(samples), samples)]
+        missing, damaged = plan_fill(self.store, keyed, stats, process_index, num_processes, self._check)
         warn_damaged(damaged, "latent")
-        stats.damaged = len(damaged)
         if missing:
             self._encode(missing)
         stats.encoded = len(missing)
         self.hasher.save()
         stats.hashed_files = self.hasher.hashed - hashed_before
         stats.seconds = time.perf_counter() - start
-        self._add_totals(stats)
+        self.stats.add(stats)
         return stats
 
     def _check(self, path: str, key: str, sample: LatentSample) -> Optional[str]:
         if self.skip_check:
             return None if os.path.exists(path) else "missing"
         return check_entry(path, key, LATENT_FORMAT, self._expected(sample))
-
-    def _add_totals(self, stats: CacheStats) -> None:
-        for name in ("requested", "unique", "hits", "encoded", "damaged", "other_process", "hashed_files", "seconds"):
-            setattr(self.stats, name, getattr(self.stats, name) + getattr(stats, name))
 
     def _batches(self, missing: list) -> list:
         """Missing entries grouped by bucket (one VAE call per batch); flip twins stay together."""

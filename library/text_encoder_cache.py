@@ -33,6 +33,7 @@ from library.latent_cache import (
     EntryStore,
     cache_key,
     check_entry,
+    plan_fill,
     read_entry,
     safetensors_dtype,
     state_fingerprint,
@@ -173,41 +174,19 @@ class TextEncoderOutputCache:
         start = time.perf_counter()
         samples = [_as_text_sample(i) for i in items]
         stats = CacheStats(requested=len(samples))
-        unique: dict = {}
-        for sample in samples:
-            key = self.key(sample.caption)
-            # Beside the images, each folder holds its own copy of a shared caption's entry.
-            where = None if self.store.in_memory else self.store.root(sample.image_path)
-            unique.setdefault((key, where), sample)
-        stats.unique = len(unique)
-        missing, damaged = [], []
-        for index, ((key, _), sample) in enumerate(unique.items()):
-            if self.store.in_memory:
-                if key in self.store.memory:
-                    stats.hits += 1
-                else:
-                    missing.append((key, sample))
-                continue
-            if num_processes > 1 and index % num_processes != process_index:
-                stats.other_process += 1
-                continue
-            path = self.store.path_for(key, sample.image_path)
-            reason = ("missing" if not os.path.exists(path) else None) if self.skip_check else \
-                check_entry(path, key, TEXT_FORMAT, self._expected)
-            if reason is None:
-                stats.hits += 1
-                continue
-            if reason != "missing":
-                damaged.append((path, reason))
-            missing.append((key, sample))
+        keyed = [(self.key(sample.caption), sample.image_path, sample) for sample in samples]
+        missing, damaged = plan_fill(self.store, keyed, stats, process_index, num_processes, self._check)
         warn_damaged(damaged, "text encoder output")
-        stats.damaged = len(damaged)
         self._encode(missing)
         stats.encoded = len(missing)
         stats.seconds = time.perf_counter() - start
-        for name in ("requested", "unique", "hits", "encoded", "damaged", "other_process", "seconds"):
-            setattr(self.stats, name, getattr(self.stats, name) + getattr(stats, name))
+        self.stats.add(stats)
         return stats
+
+    def _check(self, path: str, key: str, sample: TextSample) -> Optional[str]:
+        if self.skip_check:
+            return None if os.path.exists(path) else "missing"
+        return check_entry(path, key, TEXT_FORMAT, self._expected)
 
     def _encode(self, missing: list) -> None:
         if not missing:
