@@ -44,11 +44,12 @@ def build_metadata(
     if resolution is None:
         r = default_resolution(family, v_parameterization)
         resolution = (r, r)
-    sdxl_style = family.is_sdxl and kind in (None, "lora", "textual-inversion", "control-net-lllite")
+    # what sd-scripts writes: SGM's repository for full checkpoints, embeddings and every SDXL file
+    sgm = kind is None or kind == "textual-inversion" or family.is_sdxl
     meta = {
         "modelspec.sai_model_spec": SPEC_VERSION,
         "modelspec.architecture": architecture(family, v_parameterization, kind),
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if sdxl_style else "diffusers",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if sgm else "diffusers",
         "modelspec.implementation_version": IMPLEMENTATION_VERSION,
         "modelspec.title": title,
         "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",

@@ -176,6 +176,9 @@ class NetworkTask(Task):
                     "max_norm/max_key_norm": float(max_norm)}
         return {}
 
+    def sampling_networks(self) -> list:
+        return [self.network]
+
     def save(self, run: Run, path: str, epoch: int, step: int, final: bool) -> None:
         from library import network_metadata
         from library.model_saving import PRECISIONS

@@ -72,6 +72,14 @@ class Task:
     def unet_extra_kwargs(self, run: "Run", batch: dict) -> dict:
         return {}
 
+    def sampling_networks(self) -> list:
+        """Trainable modules to hold in eval mode while sample images are made."""
+        return []
+
+    def prompt_replacements(self) -> Optional[dict]:
+        """Prompt rewrites for sample images (textual inversion expands its token)."""
+        return None
+
 
 @dataclass
 class Run:
@@ -397,10 +405,14 @@ def _check_finite(run: Run, loss: torch.Tensor, step: int, batch: dict) -> None:
 
 
 def _resume(run: Run, task: Task):
+    from library import ema
     from library.train_state import load_state
 
     tensors, opt_state, sched_state, position, _ = load_state(run.args.resume)
+    ema_tensors, tensors = ema.split_state(tensors)
     task.load_trainable_state(tensors)
+    if run.extra.get("ema") is not None:  # EMA: the shadow weights continue from the state
+        run.extra["ema"].load_state_tensors(ema_tensors, f"--resume {run.args.resume}")
     run.optimizer.load_state_dict(opt_state)
     if run.lr_scheduler is not None and sched_state:
         run.lr_scheduler.load_state_dict(sched_state)
@@ -410,6 +422,27 @@ def _resume(run: Run, task: Task):
         run.dataset.seed = position.seed
     logger.info("resumed from %s at epoch %d, step %d", run.args.resume, position.epoch, position.step)
     return position
+
+
+def _sample(run: Run, task: Task, step: int, epoch: Optional[int]) -> None:
+    from library import ema
+    from library.optimizers import optimizer_eval_mode, optimizer_train_mode
+    from library.sampling import sample_images
+
+    optimizer_eval_mode(run.optimizer)
+    with ema.weights(run.extra.get("ema"), getattr(run.args, "sample_ema", False)):  # EMA: --sample_ema
+        sample_images(run, step, epoch, run.args.sample_prompts, run.args.sample_sampler, run.args.output_dir,
+                      networks=task.sampling_networks(), replacements=task.prompt_replacements())
+    optimizer_train_mode(run.optimizer)
+
+
+def _sample_due(args, step: int, finished_epoch: Optional[int]) -> bool:
+    """sd-scripts' rule: --sample_every_n_epochs, when given, replaces --sample_every_n_steps."""
+    if not args.sample_prompts:
+        return False
+    if args.sample_every_n_epochs:
+        return finished_epoch is not None and args.sample_every_n_epochs > 0 and finished_epoch % args.sample_every_n_epochs == 0
+    return finished_epoch is None and bool(args.sample_every_n_steps) and step % args.sample_every_n_steps == 0
 
 
 def _save_between_steps(run: Run, task: Task, policy, epoch: int, step: int, kind: str) -> None:
@@ -425,6 +458,7 @@ def _save_point(run: Run, task: Task, policy, epoch: int, step: int, kind: str) 
     run needs to find its place (every epoch has the same number of steps)."""
     from library.train_state import Position
 
+    from library import ema
     from library import save_policy as names
     from library.train_state import save_state
 
@@ -437,14 +471,18 @@ def _save_point(run: Run, task: Task, policy, epoch: int, step: int, kind: str) 
         file, state = names.step_name(policy.name, step, policy.ext), names.step_state_name(policy.name, step)
     else:
         file, state = names.final_name(policy.name, policy.ext), names.final_state_name(policy.name)
-    task.save(run, policy.path(file), epoch, step, final=kind == "final")
+    with ema.weights(run.extra.get("ema"), getattr(run.args, "save_ema", False)):  # EMA: --save_ema
+        task.save(run, policy.path(file), epoch, step, final=kind == "final")
     logger.info("saved %s", policy.path(file))
     want_state = policy.save_state if kind != "final" else (run.args.save_state or run.args.save_state_on_train_end)
     if want_state:
         position = Position(epoch=step // run.steps_per_epoch, step=step,
                             batch_in_epoch=(step % run.steps_per_epoch) * run.args.gradient_accumulation_steps * run.num_processes,
                             seed=run.seed)
-        save_state(policy.path(state), task.trainable_state(), run.optimizer, run.lr_scheduler, position)
+        tensors = dict(task.trainable_state())
+        if run.extra.get("ema") is not None:  # EMA: the shadow weights go into the state too
+            tensors.update(run.extra["ema"].state_tensors())
+        save_state(policy.path(state), tensors, run.optimizer, run.lr_scheduler, position)
     if kind == "epoch":
         policy.prune_after_epoch(epoch)
     elif kind == "step":
@@ -455,6 +493,7 @@ def train(args, task: Task):
     """Run training; returns the Run, or an exit status when --dataset_check was asked."""
     from tqdm import tqdm
 
+    from library.ema import EMA
     from library.optimizers import optimizer_eval_mode, optimizer_train_mode
     from library.save_policy import SavePolicy
     from library.train_logging import TrainLogger
@@ -465,6 +504,7 @@ def train(args, task: Task):
     os.makedirs(args.output_dir, exist_ok=True)
     policy = SavePolicy.from_args(args, task.artifact_ext, run.num_epochs)
     params = [p for g in run.optimizer.param_groups for p in g["params"]]
+    ema = run.extra["ema"] = EMA.from_args(args, params)  # EMA: None without --ema_decay
 
     step = 0
     if args.resume:
@@ -476,6 +516,8 @@ def train(args, task: Task):
         run.precision.mixed_precision if run.precision.mixed_precision != "no" else "float32",
     )
     progress = tqdm(total=run.max_steps, initial=step, disable=not run.is_main, desc="steps", smoothing=0.1)
+    if args.sample_at_first and args.sample_prompts and step == 0:
+        _sample(run, task, 0, 0)
     optimizer_train_mode(run.optimizer)
     per_epoch = run.steps_per_epoch  # every epoch has this many steps, so the step number says where we are
     while step < run.max_steps:
@@ -500,16 +542,22 @@ def train(args, task: Task):
             run.optimizer.zero_grad(set_to_none=True)
             logs = task.after_step(run)
             step += 1
+            if ema is not None:  # EMA: average the weights this step produced
+                ema.update(step)
             progress.update(1)
             avg = tracker.step(step, epoch + 1, total / max(1, len(micro)), logs)
             progress.set_postfix(loss=f"{avg:.4f}")
             if policy.step_due(step, run.max_steps):
                 _save_between_steps(run, task, policy, epoch + 1, step, "step")
+            if _sample_due(args, step, None):
+                _sample(run, task, step, None)
         if step % per_epoch == 0:
             finished = step // per_epoch
             tracker.epoch_end(finished)
             if step < run.max_steps and policy.epoch_due(finished, run.num_epochs):
                 _save_between_steps(run, task, policy, finished, step, "epoch")
+            if _sample_due(args, step, finished):
+                _sample(run, task, step, finished)
     progress.close()
     optimizer_eval_mode(run.optimizer)
     _save_point(run, task, policy, math.ceil(step / per_epoch), step, "final")

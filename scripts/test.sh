@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 VENV="${SDTRAIN_VENV:-.venv}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
-exec "$VENV/bin/python" -m pytest -n 2 -q "$@"
+exec "$VENV/bin/python" -m pytest -n 2 -q -m "not slow" "$@"

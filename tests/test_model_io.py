@@ -263,3 +263,18 @@ def test_tiny_models_have_the_full_size_key_structure(family):
     tiny = original_state_dict(build_random_models(FAMILIES[family], "tiny", seed=0))
     assert set(full) == set(tiny)
     assert all(full[k].ndim == tiny[k].ndim for k in full)
+
+
+@pytest.mark.parametrize("fixture, family, kind", [
+    ("checkpoint_sd15_fp16", "sd1", None), ("checkpoint_sdxl_base_fp16", "sdxl", None),
+    ("lora_sd15_lierla_dim4", "sd1", "lora"), ("lora_sdxl_unet_only_dim4", "sdxl", "lora"),
+    ("ti_sd15_2vec", "sd1", "textual-inversion"), ("ti_sdxl_2vec", "sdxl", "textual-inversion"),
+])
+def test_modelspec_values_match_what_sd_scripts_writes(fixture, family, kind, fixtures_dir):
+    from library import modelspec
+
+    theirs = json.load(open(os.path.join(fixtures_dir, "sd-scripts", fixture + ".keys.json")))["metadata"]
+    ours = modelspec.build_metadata(FAMILIES[family], False, "t", kind=kind)
+    for key in ("modelspec.architecture", "modelspec.implementation", "modelspec.sai_model_spec",
+                "modelspec.prediction_type"):
+        assert ours[key] == theirs[key], key

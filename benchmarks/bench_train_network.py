@@ -1,0 +1,574 @@
+"""Benchmark of LoRA training on CPU: seconds per step against a bare forward+backward, time to the
+first step, and peak memory, for an SD1.5-size and an SDXL-size model.
+
+    python benchmarks/bench_train_network.py [--families sd1,sdxl] [--steps 6] [--profile]
+
+Settings (from the issue): 256 px, batch 1, LoRA dim 4 (alpha 1), cached latents, float32 on CPU,
+seeded random full-size checkpoints (`tools/make_random_model.py --size full --precision fp16`,
+generated once into the cache folder, shared with the model I/O benchmark) and a four-photo
+DreamBooth folder. For each family, in fresh child processes measured from outside:
+
+* train: `train_network.py` / `sdxl_train_network.py` as a user runs it. Step times come from the
+  tqdm counter on stderr, time-stamped as it arrives; the time to the first step is from launch to
+  the counter showing 1; peak RSS is the kernel's high-water mark of the training process (wait4),
+  and the polled peak PSS of the whole process tree (DataLoader workers included) is shown beside
+  it. CPU seconds per step of the training process are sampled from outside as well.
+* bare: the same models loaded with `load_models(dtype=float32)`, the same LoRA
+  (`networks.lora.create_network` + `apply_to` on the text encoder(s) and U-Net, as the trainer
+  does by default), the same SDPA attention, then timed iterations of text-encoder forward +
+  `unet(noisy, t, context).sample` + MSE + backward on 32×32 latents: the compute a training step
+  cannot avoid. step / bare near 1 means the loop adds almost nothing.
+
+Targets (issue): step / bare <= 1.05; against the established trainer on this machine (SD1.5: 4.6
+s/step, 53 s to the first step, 6.8 GiB peak RSS; SDXL: 9.1 s/step, 70 s, 19.9 GiB), step time no
+worse, time to the first step <= 0.4x, peak RSS <= 0.6x.
+
+With 2 cores, any other busy process stretches every time here: the load average before and after
+is printed, with a warning when the machine was not idle. On a busy machine run with `--threads 1`:
+with more OpenMP threads than free cores every parallel op waits for a descheduled thread (AdamW's
+per-tensor step over the SD1.5 LoRA went from 0.04 s to 2.7 s that way), and the CPU seconds per
+step, which other processes hardly change, give the step / bare ratio. `--profile` additionally runs a short
+training under cProfile and writes where a step's time goes to CACHE_DIR/profile-train-FAMILY.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIB = 1024 ** 3
+FAMILIES = ("sd1", "sdxl")
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
+RESOLUTION = 256
+
+# the established trainer on this machine, same settings (from the issue)
+REFERENCE = {
+    "sd1": {"step": 4.6, "first": 53.0, "rss": 6.8},
+    "sdxl": {"step": 9.1, "first": 70.0, "rss": 19.9},
+}
+STEP_OVER_BARE = 1.05
+FIRST_FACTOR = 0.4
+RSS_FACTOR = 0.6
+# float32 training holds twice the fp16 file (the weights) plus libraries and activations: a family
+# is skipped when MemAvailable is below this estimate, and a child is killed when MemAvailable
+# falls under MIN_AVAILABLE while it runs (other people's processes share this machine)
+MEMORY_FACTOR = 2.0
+MEMORY_EXTRA = 3 * GIB
+MIN_AVAILABLE = 1 * GIB
+
+TQDM_COUNT = re.compile(r"\|\s*(\d+)/(\d+) \[")
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs: the checkpoint and the photos
+
+
+def checkpoint_path(cache_dir: str, family: str) -> str:
+    """Same name as benchmarks/bench_model_io.py uses, so either benchmark reuses the other's file."""
+    return os.path.join(cache_dir, f"{family}-full-fp16-seed0.safetensors")
+
+
+def ensure_checkpoint(cache_dir: str, family: str, skip_generate: bool) -> str | None:
+    path = checkpoint_path(cache_dir, family)
+    if os.path.isfile(path):
+        return path
+    if skip_generate:
+        print(f"[{family}] no cached checkpoint at {path}; skipped (--skip_generate)", flush=True)
+        return None
+    os.makedirs(cache_dir, exist_ok=True)
+    print(f"[{family}] generating {path} (once; cached for later runs)...", flush=True)
+    cmd = [sys.executable, os.path.join(REPO, "tools", "make_random_model.py"),
+           "--family", family, "--size", "full", "--precision", "fp16", path]
+    subprocess.run(cmd, cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"), check=True)
+    return path
+
+
+def ensure_photos(cache_dir: str) -> str:
+    """A DreamBooth folder `10_subject` with four 256×256 photos and captions (one bucket, batch 1)."""
+    root = os.path.join(cache_dir, f"train-photos-{RESOLUTION}")
+    folder = os.path.join(root, "10_subject")
+    if all(os.path.isfile(os.path.join(folder, f"{n}.png")) for n in PHOTOS):
+        return root
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    for name in PHOTOS:
+        array = getattr(skimage.data, name)()
+        if array.ndim == 2:
+            array = np.stack([array] * 3, axis=-1)
+        image = Image.fromarray(array[..., :3])
+        side = min(image.size)
+        image = image.crop((0, 0, side, side)).resize((RESOLUTION, RESOLUTION), Image.LANCZOS)
+        image.save(os.path.join(folder, f"{name}.png"))
+        with open(os.path.join(folder, f"{name}.txt"), "w", encoding="utf-8") as f:
+            f.write(f"a photo of {name}")
+    return root
+
+
+def mem_available() -> int:
+    with open("/proc/meminfo", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def loadavg() -> float:
+    with open("/proc/loadavg", encoding="ascii") as f:
+        return float(f.read().split()[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# running a child and watching it from outside
+
+
+class OutOfMemory(Exception):
+    """A child was stopped because the machine was about to run out of memory."""
+
+
+class Watched:
+    """A child process whose stderr is time-stamped as it arrives and whose tree RSS is polled."""
+
+    def __init__(self, cmd: list, env: dict, poll_seconds: float = 0.25):
+        self.start = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.events: list = []  # (seconds since launch, text piece)
+        self.tree_peak = 0
+        self.killed_for_memory = False
+        self.cpu_samples: list = [(0.0, 0.0)]  # (seconds since launch, CPU seconds of the main process)
+        self.stdout = b""
+        self._done = threading.Event()
+        self._threads = [threading.Thread(target=self._read_stderr, daemon=True),
+                         threading.Thread(target=self._read_stdout, daemon=True),
+                         threading.Thread(target=self._poll_rss, args=(poll_seconds,), daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _read_stderr(self) -> None:
+        # tqdm redraws with "\r", so split on both line ends; read1 hands over what is there now
+        buffer = b""
+        while True:
+            chunk = self.proc.stderr.read1(65536)
+            if not chunk:
+                break
+            now = time.perf_counter() - self.start
+            buffer += chunk
+            pieces = re.split(rb"[\r\n]", buffer)
+            buffer = pieces.pop()
+            self.events += [(now, p.decode("utf-8", "replace")) for p in pieces if p]
+        if buffer:
+            self.events.append((time.perf_counter() - self.start, buffer.decode("utf-8", "replace")))
+
+    def _read_stdout(self) -> None:
+        self.stdout = self.proc.stdout.read()
+
+    def _poll_rss(self, seconds: float) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.proc.pid)
+        except psutil.Error:
+            return
+        while not self._done.is_set():
+            total = 0
+            try:
+                # PSS: forked DataLoader workers share the trainer's pages, and a sum of RSS would
+                # count those pages once per worker
+                for p in [root] + root.children(recursive=True):
+                    try:
+                        total += p.memory_full_info().pss
+                    except psutil.Error:
+                        pass
+                times = root.cpu_times()
+            except psutil.Error:
+                break
+            self.cpu_samples.append((time.perf_counter() - self.start, times.user + times.system))
+            self.tree_peak = max(self.tree_peak, total)
+            if mem_available() < MIN_AVAILABLE:
+                self.killed_for_memory = True
+                self.proc.kill()
+                break
+            self._done.wait(seconds)
+
+    def wait(self) -> dict:
+        """Wait for the child; its wall time, CPU time and kernel peak RSS (its largest process)."""
+        _, status, usage = os.wait4(self.proc.pid, 0)
+        wall = time.perf_counter() - self.start
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        self._done.set()
+        for t in self._threads:
+            t.join(timeout=10)
+        return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "peak_rss": usage.ru_maxrss * 1024,
+                "tree_peak": self.tree_peak, "returncode": self.proc.returncode}
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(text for _, text in self.events[-n:])
+
+
+def step_times(events: list) -> list:
+    """Seconds since launch at which the tqdm counter first showed 1, 2, ... finished steps."""
+    seen = {}
+    for at, text in events:
+        for match in TQDM_COUNT.finditer(text):
+            seen.setdefault(int(match.group(1)), at)
+    return [seen[k] for k in sorted(seen) if k > 0]
+
+
+def cpu_at(samples: list, at: float) -> float:
+    """The main process's CPU seconds at `at`, interpolated between the polled samples."""
+    before = max((s for s in samples if s[0] <= at), default=samples[0])
+    after = min((s for s in samples if s[0] >= at), default=samples[-1])
+    if after[0] == before[0]:
+        return before[1]
+    return before[1] + (after[1] - before[1]) * (at - before[0]) / (after[0] - before[0])
+
+
+def first_event(events: list, needle: str) -> float | None:
+    return next((at for at, text in events if needle in text), None)
+
+
+def child_env(threads: int) -> dict:
+    # the same thread count for the trainer and the bare run, whatever the caller's environment says
+    return dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads),
+                PYTHONUNBUFFERED="1")
+
+
+# ---------------------------------------------------------------------------------------------
+# the measurements
+
+
+def training_args(family: str, model: str, data: str, out: str, steps: int) -> list:
+    script = "sdxl_train_network.py" if family == "sdxl" else "train_network.py"
+    return [
+        os.path.join(REPO, script), "--pretrained_model_name_or_path", model, "--train_data_dir", data,
+        "--output_dir", out, "--output_name", "bench", "--resolution", str(RESOLUTION), "--train_batch_size", "1",
+        "--caption_extension", ".txt", "--network_module", "networks.lora", "--network_dim", "4",
+        "--network_alpha", "1", "--learning_rate", "1e-4", "--seed", "0", "--cache_latents",
+        "--max_train_steps", str(steps), "--mixed_precision", "no",
+    ]
+
+
+def measure_training(family: str, model: str, data: str, steps: int, threads: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as out:
+        watched = Watched([sys.executable, *training_args(family, model, data, out, steps)], child_env(threads))
+        result = watched.wait()
+        if watched.killed_for_memory:
+            raise OutOfMemory(f"[{family}] training stopped after {result['wall']:.0f} s with MemAvailable under "
+                              f"{MIN_AVAILABLE / GIB:.0f} GiB; its peak RSS had reached {result['peak_rss'] / GIB:.2f} GiB")
+        if result["returncode"] != 0:
+            raise SystemExit(f"[{family}] training failed ({result['returncode']}):\n{watched.log_tail()}")
+        if not os.path.isfile(os.path.join(out, "bench.safetensors")):
+            raise SystemExit(f"[{family}] training wrote no bench.safetensors:\n{watched.log_tail()}")
+    done = step_times(watched.events)
+    if len(done) < steps:
+        raise SystemExit(f"[{family}] saw {len(done)} of {steps} steps in the tqdm output:\n{watched.log_tail()}")
+    gaps = [b - a for a, b in zip(done, done[1:])]
+    cpu = [cpu_at(watched.cpu_samples, at) for at in done]
+    cpu_gaps = [b - a for a, b in zip(cpu, cpu[1:])]
+    loop_start = first_event(watched.events, "training network on")
+    cache_done = first_event(watched.events, "latent cache:")
+    return dict(result, first_step=done[0], step_seconds=statistics.median(gaps), step_gaps=gaps, cpu_gaps=cpu_gaps,
+                loop_start=loop_start, cache_done=cache_done,
+                first_step_only=done[0] - loop_start if loop_start is not None else None)
+
+
+def measure_bare(family: str, model: str, iters: int, threads: int) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "bare", "--family", family, "--path", model,
+           "--iters", str(iters)]
+    watched = Watched(cmd, child_env(threads))
+    result = watched.wait()
+    if watched.killed_for_memory:
+        raise OutOfMemory(f"[{family}] bare run stopped with MemAvailable under {MIN_AVAILABLE / GIB:.0f} GiB; "
+                          f"its peak RSS had reached {result['peak_rss'] / GIB:.2f} GiB")
+    if result["returncode"] != 0:
+        raise SystemExit(f"[{family}] bare run failed ({result['returncode']}):\n{watched.log_tail()}")
+    return dict(result, **json.loads(watched.stdout.decode().strip().splitlines()[-1]))
+
+
+def child_bare(family: str, path: str, iters: int) -> dict:
+    """Timed TE forward + U-Net forward + backward with the trainer's LoRA, outside the trainer."""
+    import types
+
+    import torch
+
+    import networks.lora
+    from library.device_setup import set_attention
+    from library.model_loading import load_models
+    from library.text_encoding import TextConditioner, training_clip_skip
+    from library.tokenizer import load_tokenizers
+
+    start = time.perf_counter()
+    models = load_models(path, sdxl=family == "sdxl", dtype=torch.float32)
+    for module in [models.unet, models.vae, *models.text_encoders]:
+        module.requires_grad_(False)
+        module.eval()
+    set_attention(models.unet, types.SimpleNamespace(), torch.device("cpu"))
+    encoders = models.text_encoders if len(models.text_encoders) > 1 else models.text_encoders[0]
+    network = networks.lora.create_network(1.0, 4, 1, models.vae, encoders, models.unet)
+    network.apply_to(encoders, models.unet, True, True)
+    network.train()
+    conditioner = TextConditioner(models.family, load_tokenizers(models.family, path), models.text_encoders)
+    clip_skip, _ = training_clip_skip(models.family, None)
+    ids = conditioner.tokenize(["a photo of astronaut"])
+    load_seconds = time.perf_counter() - start
+
+    generator = torch.Generator().manual_seed(0)
+    size = RESOLUTION // 8
+    latents = torch.randn(1, 4, size, size, generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.tensor([500])
+    noisy = latents * 0.7 + noise * 0.7
+    time_ids = torch.tensor([[RESOLUTION, RESOLUTION, 0, 0, RESOLUTION, RESOLUTION]], dtype=torch.float32)
+    rows = []
+    cpu = []
+    for _ in range(iters + 1):  # the first iteration warms up allocators and kernels; not counted
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        cond = conditioner.encode_tokens(ids, clip_skip)
+        t1 = time.perf_counter()
+        kwargs = {}
+        if models.family.is_sdxl:
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": time_ids}
+        pred = models.unet(noisy, timesteps, cond.context, **kwargs).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise)
+        t2 = time.perf_counter()
+        loss.backward()
+        t3 = time.perf_counter()
+        network.zero_grad(set_to_none=True)
+        rows.append((t1 - t0, t2 - t1, t3 - t2, t3 - t0))
+        cpu.append(time.process_time() - c0)
+    rows, cpu = rows[1:], cpu[1:]
+    te, unet, backward, total = (statistics.median(column) for column in zip(*rows))
+    return {"load_seconds": load_seconds, "te_forward": te, "unet_forward": unet, "backward": backward,
+            "bare_seconds": total, "bare_all": [r[3] for r in rows], "bare_cpu": cpu, "threads": torch.get_num_threads()}
+
+
+# ---------------------------------------------------------------------------------------------
+# profiling one short training run
+
+
+PROFILE_BUCKETS = (
+    # (label, function name as pstats shows it, file suffix); cumulative times
+    ("whole run (train)", "train", "library/trainer.py"),
+    ("  set-up: prepare_run", "prepare_run", "library/trainer.py"),
+    ("    load_models", "load_models", "library/model_loading.py"),
+    ("    latent caching (attach_caches)", "attach_caches", "library/training_caches.py"),
+    ("    task.setup (LoRA create/apply)", "setup", "library/task_network.py"),
+    ("  steps: micro_step_loss", "micro_step_loss", "library/trainer.py"),
+    ("    text encoder (_conditioning)", "_conditioning", "library/trainer.py"),
+    ("    U-Net forward", "forward", "diffusers/models/unets/unet_2d_condition.py"),
+    ("    loss (compute_loss)", "compute_loss", "library/losses.py"),
+    ("  steps: backward", "backward", "torch/_tensor.py"),
+    ("  steps: _sync_gradients", "_sync_gradients", "library/trainer.py"),
+    ("  steps: clip_grad_norm_", "clip_grad_norm_", "torch/nn/utils/clip_grad.py"),
+    ("  steps: optimizer step (Adam.step)", "step", "torch/optim/adam.py"),
+    ("  steps: lr scheduler step", "step", "torch/optim/lr_scheduler.py"),
+    ("  steps: zero_grad", "zero_grad", "torch/optim/optimizer.py"),
+    ("  steps: batch loading (load_batch)", "load_batch", "library/train_dataset.py"),
+    ("  steps: DataLoader (__next__)", "__next__", "torch/utils/data/dataloader.py"),
+    ("  steps: logging (TrainLogger.step)", "step", "library/train_logging.py"),
+    ("  steps: LoRA module forwards (python)", "forward", "networks/lora_layers.py"),
+    ("  final save (_save_point)", "_save_point", "library/trainer.py"),
+)
+
+
+def child_profile(family: str, model: str, data: str, steps: int, report: str) -> dict:
+    import cProfile
+    import pstats
+
+    with tempfile.TemporaryDirectory(prefix="bench-profile-") as out:
+        args = training_args(family, model, data, out, steps)
+        sys.argv = args
+        script = args[0]
+        sys.path.insert(0, os.path.dirname(script))
+        module = __import__(os.path.splitext(os.path.basename(script))[0])
+        profiler = cProfile.Profile()
+        profiler.runcall(module.main, args[1:])
+    stats = pstats.Stats(profiler)
+    buckets = []
+    for label, name, suffix in PROFILE_BUCKETS:
+        calls, cumulative = 0, 0.0
+        for (file, _, function), (_, ncalls, _, cum, _) in stats.stats.items():
+            if function == name and file.replace(os.sep, "/").endswith(suffix):
+                calls += ncalls
+                cumulative += cum
+        buckets.append((label, calls, cumulative))
+    with open(report, "w", encoding="utf-8") as f:
+        f.write(f"cProfile of {family} LoRA training, {steps} steps (profiling inflates Python-heavy parts)\n\n")
+        for label, calls, cumulative in buckets:
+            f.write(f"{label:45s} {cumulative:9.2f} s  ({calls} calls)\n")
+        f.write("\n")
+        for key in ("cumulative", "tottime"):
+            f.write(f"--- sorted by {key} ---\n")
+            pstats.Stats(profiler, stream=f).sort_stats(key).print_stats(40)
+    return {"buckets": buckets}
+
+
+def measure_profile(family: str, model: str, data: str, steps: int, threads: int, report: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "profile", "--family", family, "--path", model,
+           "--data", data, "--steps", str(steps), "--report", report]
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(threads), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"[{family}] profile run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def verdict(ok: bool) -> str:
+    return "ok" if ok else "MISS"
+
+
+def family_rows(family: str, train: dict, bare: dict) -> list:
+    ref = REFERENCE[family]
+    step, first, rss = train["step_seconds"], train["first_step"], train["peak_rss"] / GIB
+    ratio = step / bare["bare_seconds"]
+    # the least-disturbed sample of each, shown beside the medians
+    ratio_min = min(train["step_gaps"]) / min(bare["bare_all"])
+    # CPU seconds hardly change when other processes take turns on the cores (with 1 thread per child)
+    cpu_ratio = statistics.median(train["cpu_gaps"]) / statistics.median(bare["bare_cpu"])
+    label = {"sd1": "SD1.5", "sdxl": "SDXL"}[family]
+    return [
+        [f"{label} s/step (median of {len(train['step_gaps'])})", f"{step:.2f}", f"{ref['step']:.2f}",
+         f"{step / ref['step']:.2f}x", "<= 1.00x", verdict(step <= ref["step"])],
+        [f"{label} bare TE fwd + U-Net fwd+bwd, s (median of {len(bare['bare_all'])})", f"{bare['bare_seconds']:.2f}",
+         "-", "-", "-", "-"],
+        [f"{label} step / bare, wall median / median (min / min)", f"{ratio:.3f} ({ratio_min:.3f})", "-", "-",
+         f"<= {STEP_OVER_BARE}", verdict(ratio <= STEP_OVER_BARE)],
+        [f"{label} step / bare in CPU seconds, median", f"{cpu_ratio:.3f}", "-", "-", f"<= {STEP_OVER_BARE}",
+         verdict(cpu_ratio <= STEP_OVER_BARE)],
+        [f"{label} launch to first finished step, s", f"{first:.1f}", f"{ref['first']:.0f}",
+         f"{first / ref['first']:.2f}x", f"<= {FIRST_FACTOR}x", verdict(first <= FIRST_FACTOR * ref["first"])],
+        [f"{label} peak RSS of the trainer, GiB", f"{rss:.2f}", f"{ref['rss']:.1f}", f"{rss / ref['rss']:.2f}x",
+         f"<= {RSS_FACTOR}x", verdict(rss <= RSS_FACTOR * ref["rss"])],
+        [f"{label} peak PSS of the process tree (polled), GiB", f"{train['tree_peak'] / GIB:.2f}", "-", "-", "-", "-"],
+    ]
+
+
+def render(rows: list) -> str:
+    head = ["measure", "sdtrain", "established trainer", "ratio", "target", "verdict"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def details(family: str, train: dict, bare: dict) -> str:
+    parts = [f"[{family}] training: wall {train['wall']:.1f} s, CPU {train['cpu']:.1f} s; step gaps "
+             + ", ".join(f"{g:.2f}" for g in train["step_gaps"]) + " s; CPU per step "
+             + ", ".join(f"{g:.2f}" for g in train["cpu_gaps"]) + " s"]
+    if train["cache_done"] is not None and train["loop_start"] is not None:
+        parts.append(f"[{family}] to first step: launch→latents cached {train['cache_done']:.1f} s, "
+                     f"→loop start {train['loop_start']:.1f} s, first step itself {train['first_step_only']:.1f} s")
+    parts.append(f"[{family}] bare: load {bare['load_seconds']:.1f} s; per iteration TE fwd {bare['te_forward']:.2f} s, "
+                 f"U-Net fwd {bare['unet_forward']:.2f} s, backward {bare['backward']:.2f} s; all "
+                 + ", ".join(f"{s:.2f}" for s in bare["bare_all"]) + " s; CPU "
+                 + ", ".join(f"{s:.2f}" for s in bare["bare_cpu"])
+                 + f"; peak RSS {bare['peak_rss'] / GIB:.2f} GiB; {bare['threads']} threads")
+    return "\n".join(parts)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated: sd1, sdxl (default both)")
+    p.add_argument("--steps", type=int, default=6, help="training steps per run (the first is not in s/step)")
+    p.add_argument("--iters", type=int, default=4, help="timed bare iterations (after one warm-up)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OMP threads of every child")
+    p.add_argument("--cache_dir", default=os.path.join(os.path.expanduser("~"), ".cache", "sdtrain-bench"),
+                   help="where generated checkpoints and photos are kept between runs")
+    p.add_argument("--skip_generate", action="store_true", help="skip a family whose checkpoint is not cached")
+    p.add_argument("--force", action="store_true", help="run a family even when MemAvailable looks too small")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile a 3-step training; report in CACHE_DIR/profile-train-FAMILY.txt")
+    # internal: one measurement in a fresh process
+    p.add_argument("--child", choices=("bare", "profile"), help=argparse.SUPPRESS)
+    p.add_argument("--family", help=argparse.SUPPRESS)
+    p.add_argument("--path", help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--report", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        sys.path.insert(0, REPO)
+        if args.child == "bare":
+            result = child_bare(args.family, args.path, args.iters)
+        else:
+            result = child_profile(args.family, args.path, args.data, args.steps, args.report)
+        print(json.dumps(result))
+        return
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise SystemExit(f"--families: unknown {unknown}; choose from {', '.join(FAMILIES)}")
+    if args.steps < 3:
+        raise SystemExit("--steps must be at least 3 (the first step is warm-up; s/step needs two gaps)")
+    data = ensure_photos(args.cache_dir)
+    load_before = loadavg()
+    rows, notes, profiles = [], [], []
+    for family in families:
+        model = ensure_checkpoint(args.cache_dir, family, args.skip_generate)
+        if model is None:
+            continue
+        need = MEMORY_FACTOR * os.path.getsize(model) + MEMORY_EXTRA
+        if mem_available() < need and not args.force:
+            notes.append(f"[{family}] skipped: needs about {need / GIB:.1f} GiB, MemAvailable is "
+                         f"{mem_available() / GIB:.1f} GiB (--force runs it anyway)")
+            print(notes[-1], flush=True)
+            continue
+        try:
+            print(f"[{family}] training {args.steps} steps...", flush=True)
+            train = measure_training(family, model, data, args.steps, args.threads)
+            print(f"[{family}] bare forward+backward, {args.iters} iterations...", flush=True)
+            bare = measure_bare(family, model, args.iters, args.threads)
+        except OutOfMemory as e:
+            notes.append(str(e))
+            print(notes[-1], flush=True)
+            continue
+        rows += family_rows(family, train, bare)
+        notes.append(details(family, train, bare))
+        print(notes[-1], flush=True)
+        if args.profile:
+            report = os.path.join(args.cache_dir, f"profile-train-{family}.txt")
+            print(f"[{family}] profiling a 3-step run -> {report}", flush=True)
+            result = measure_profile(family, model, data, 3, args.threads, report)
+            profiles.append((family, result["buckets"]))
+    load_after = loadavg()
+    print()
+    print(f"LoRA training benchmark, {datetime.date.today().isoformat()}, {os.cpu_count()} cores, "
+          f"{args.threads} threads per child, Python {platform.python_version()}; {RESOLUTION} px, batch 1, dim 4, "
+          f"cached latents, float32; load average {load_before:.2f} before, {load_after:.2f} after")
+    if max(load_before, load_after) > 0.5:
+        print(f"WARNING: the machine was busy (load average up to {max(load_before, load_after):.2f} on "
+              f"{os.cpu_count()} cores): absolute times are inflated; the step/bare ratio, measured side by "
+              f"side, is the more reliable number")
+    if args.threads < (os.cpu_count() or 1):
+        print(f"NOTE: {args.threads} thread(s) per child on {os.cpu_count()} cores: s/step and the time to the "
+              "first step are not comparable with the established trainer's figures; the ratios are")
+    print(render(rows))
+    for note in notes:
+        print(note)
+    for family, buckets in profiles:
+        print(f"\n[{family}] cProfile, 3 steps (cumulative seconds; profiling inflates Python-heavy parts):")
+        for label, calls, cumulative in buckets:
+            print(f"  {label:45s} {cumulative:8.2f} s  ({calls} calls)")
+
+
+if __name__ == "__main__":
+    main()
