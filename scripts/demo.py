@@ -3,7 +3,7 @@
 1. writes the embedded default model (a seeded tiny SD1.x checkpoint in the real layout);
 2. writes a DreamBooth-style dataset from the photos scikit-image bundles (several aspect ratios);
 3. trains a LoRA with train_network.py, aspect-ratio bucketing and latent caching on;
-4. prints where the LoRA is and how to use it.
+4. generates an image with the LoRA through gen_img.py and says where everything is.
 
 Everything goes under demo_output/. Nothing is downloaded.
 """
@@ -82,11 +82,22 @@ def main():
         "--output_dir", lora_dir, "--output_name", "demo-lora", "--save_model_as", "safetensors",
     ])
     lora = os.path.join(lora_dir, "demo-lora.safetensors")
-    print(f"\nLoRA written to {lora} ({os.path.getsize(lora) / 1024:.0f} KiB) in {time.time() - t0:.0f} s.")
-    print("Use it like any sd-scripts LoRA:")
-    print(f"  python gen_img.py --ckpt {model} --network_module networks.lora --network_weights {lora} "
-          "--prompt 'sks photo, a tabby cat' --W 128 --H 128 --steps 8 --outdir demo_output/images")
-    print("  or copy it into AUTOMATIC1111's models/Lora or ComfyUI's models/loras (for a real base model).")
+    print(f"\nLoRA written to {lora} ({os.path.getsize(lora) / 1024:.0f} KiB)")
+
+    import gen_img
+
+    images = os.path.join(OUT, "images")
+    generate = ["--ckpt", model, "--network_module", "networks.lora", "--network_weights", lora,
+                "--prompt", "sks photo, a tabby cat", "--W", "128", "--H", "128", "--steps", "8", "--seed", "1",
+                "--outdir", images]
+    print("4. generating an image with it: python gen_img.py " + " ".join(
+        f"'{a}'" if " " in a else a for a in generate))
+    status = gen_img.main(generate)
+    if status:
+        return status
+    print(f"\nDone in {time.time() - t0:.0f} s. Image (prompt and seed in its PNG text): {images}")
+    print("Use the LoRA like any sd-scripts LoRA: gen_img.py as above, or copy it into AUTOMATIC1111's "
+          "models/Lora or ComfyUI's models/loras (for a real base model of the same family).")
     print(f"  Its training settings: python tools/show_metadata.py {lora}")
     return 0
 
