@@ -49,9 +49,12 @@ def _check_exists(path: str) -> None:
         raise UserError(f"{path}: the file is empty (0 bytes); re-download or re-save it")
 
 
-def _torch_load(path: str, kind: str) -> object:
+def torch_load_safely(path: str, mmap: bool = False, what: str = "checkpoint", allow: tuple = ()) -> object:
+    """`torch.load(weights_only=True)` with one-line errors; `allow`: extra classes known to hold only
+    tensors (e.g. the ParameterDict of old A1111 embeddings)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=(kind == "zip-pickle"))
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported object"
         raise UserError(
@@ -60,7 +63,7 @@ def _torch_load(path: str, kind: str) -> object:
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{path}: cannot read this checkpoint ({msg}); the file is truncated or damaged") from None
+        raise UserError(f"{path}: cannot read this {what} ({msg}); the file is truncated or damaged") from None
 
 
 def _flatten_pickle(obj: object, path: str) -> tuple:
@@ -92,7 +95,7 @@ def read_checkpoint(path: str, dtype=None, select: Optional[Callable[[str], bool
         tensors = safetensors_io.load_tensors(path, dtype=dtype, select=select, header=header)
         return Checkpoint(path, tensors, header.metadata, {}, "safetensors")
     if kind in ("zip-pickle", "pickle"):
-        tensors, extra = _flatten_pickle(_torch_load(path, kind), path)
+        tensors, extra = _flatten_pickle(torch_load_safely(path, mmap=kind == "zip-pickle"), path)
         if select is not None:
             tensors = {k: v for k, v in tensors.items() if select(k)}
         if dtype is not None:

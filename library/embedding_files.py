@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
-import zipfile
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from library import safetensors_io
-from library.checkpoint_io import sniff_format
+from library.checkpoint_io import sniff_format, torch_load_safely
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -44,18 +42,7 @@ STYLES = ("sd-scripts", "a1111")
 def _torch_load(path: str) -> object:
     # A1111 files from torch ≤ 1.11 pickled `string_to_param` as a ParameterDict module; allowing
     # that one class (its state is plain tensors) keeps the loader weights-only.
-    try:
-        with torch.serialization.safe_globals([torch.nn.ParameterDict]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported object"
-        raise UserError(
-            f"{path}: refused to load: the pickle holds objects other than tensors ({first}); loading it could "
-            "run code. Convert it to .safetensors with a tool you trust"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{path}: cannot read this embedding ({msg}); the file is truncated or damaged") from None
+    return torch_load_safely(path, what="embedding", allow=(torch.nn.ParameterDict,))
 
 
 def _unwrap_a1111(data: object) -> object:
