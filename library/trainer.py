@@ -226,7 +226,9 @@ def prepare_run(args, task: Task):
         snr=snr_table(noise_scheduler).to(device), noise_settings=noise_settings, loss_settings=loss_settings, seed=seed,
     )
 
-    # 4. the task makes its parameters trainable
+    # 4. the task makes its parameters trainable; initial weights depend on the seed alone, so every
+    # process of a multi-process run starts from the same ones
+    torch.manual_seed(seed)
     task.setup(run)
     run.extra["task"] = task
 
@@ -538,7 +540,9 @@ def train(args, task: Task):
                 torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             run.optimizer.step()
             if run.lr_scheduler is not None:
-                run.lr_scheduler.step()
+                # the schedule spans max_train_steps × processes (sd-scripts' convention)
+                for _ in range(run.num_processes):
+                    run.lr_scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
             logs = task.after_step(run)
             step += 1

@@ -13,9 +13,9 @@ processes with `DistributedType.MULTI_CPU` and the gloo backend, because our Acc
 with `cpu=True` there; that is what these tests launch.
 
 The main test starts both runs from the same `--network_weights` file, so it checks the batch split,
-the gradient all-reduce and the writes on their own; the two xfail tests pin down two loop bugs
-(initial weights that differ between processes, and a learning-rate schedule that runs at half
-speed with two processes), each named in its reason.
+the gradient all-reduce and the writes on their own; the other two check that every process starts
+from the same seeded weights and that the learning-rate schedule runs at full speed with two
+processes.
 """
 
 import json
@@ -208,31 +208,21 @@ def test_two_processes_train_like_accumulation_and_only_the_main_one_writes(tiny
     assert len(entries) == len(PHOTOS)  # one latent entry per image (no flip_aug), written once
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "library/trainer.py prepare_run never seeds the global torch RNG before task.setup(run), and nothing "
-    "broadcasts rank 0's initial trainable weights: each process draws its own LoRA init (networks/lora_layers.py "
-    "kaiming_uniform_ of lora_down, from torch's per-process random default seed), so the ranks train different "
-    "weights with averaged gradients and --seed does not fix the init"))
 def test_two_processes_start_from_the_same_seeded_init(tiny_checkpoint, square_photos, tmp_path):
     model = tiny_checkpoint("sd1")
     two = str(tmp_path / "two")
-    _launch_two_processes(tmp_path, _train_args(model, square_photos, two, "--network_train_unet_only"))
+    short = ["--network_train_unet_only", "--max_train_steps", "2"]  # the last --max_train_steps wins
+    _launch_two_processes(tmp_path, _train_args(model, square_photos, two, *short))
     one = str(tmp_path / "one")
     torch.manual_seed(12345)  # whatever state the global RNG is in, --seed must decide the init
-    _train_in_process(_train_args(model, square_photos, one, "--gradient_accumulation_steps", "2",
-                                  "--network_train_unet_only"))
+    _train_in_process(_train_args(model, square_photos, one, "--gradient_accumulation_steps", "2", *short))
     assert _max_difference(os.path.join(one, "lora.safetensors"), os.path.join(two, "lora.safetensors")) <= 1e-6
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "library/lr_schedulers.py build_lr_scheduler spans max_train_steps × num_processes scheduler steps (sd-scripts "
-    "relies on accelerate's prepared scheduler stepping num_processes times per call), but library/trainer.py "
-    "train() calls run.lr_scheduler.step() once per optimizer step on an unprepared scheduler, so with 2 processes a "
-    "decaying schedule only gets half way"))
 def test_two_processes_follow_the_same_lr_schedule(tiny_checkpoint, square_photos, start_weights, tmp_path):
     model = tiny_checkpoint("sd1")
     schedule = ["--lr_scheduler", "linear", "--save_state", "--network_train_unet_only", "--network_weights",
-                start_weights]
+                start_weights, "--max_train_steps", "2"]  # the last --max_train_steps wins
     two = str(tmp_path / "two")
     _launch_two_processes(tmp_path, _train_args(model, square_photos, two, *schedule))
     one = str(tmp_path / "one")
