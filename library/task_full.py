@@ -167,6 +167,15 @@ def _own_storage(module: torch.nn.Module) -> None:
                 owner._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
 
 
+def _release_parameters(module: torch.nn.Module) -> None:
+    """Parameters become meta tensors (memory freed) until new values are assigned; buffers, such as
+    CLIP's non-persistent position ids that no state dict carries, stay."""
+    for owner in module.modules():
+        for name, p in list(owner._parameters.items()):
+            if p is not None:
+                owner._parameters[name] = torch.nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
+
+
 def _checkpoint_text_encoder(encoder) -> None:
     options = {"use_reentrant": False}  # reentrant checkpoints need inputs that require grad
     if hasattr(encoder, "activation_checkpointing_enable"):  # transformers ≥ 5 (the old name is deprecated)
@@ -323,6 +332,10 @@ class FullModelTask(Task):
         path = run.args.pretrained_model_name_or_path
         logger.info("re-reading the trained parts of %s in float32 (the frozen ones stay %s)", path,
                     str(run.precision.weight_dtype).replace("torch.", ""))
+        trained = [run.models.unet] if self.trains_unet() else []
+        trained += [e for i, e in enumerate(run.models.text_encoders) if self.trains_text_encoder(i)]
+        for module in trained:  # free the rounded copies first: the peak stays near one float32 model
+            _release_parameters(module)
         loader = load_diffusers_folder if os.path.isdir(path) else load_single_file
         fresh = loader(path, sdxl=self.sdxl, dtype=torch.float32)
         if self.trains_unet():

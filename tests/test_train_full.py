@@ -117,7 +117,7 @@ def max_diff(a, b):
 
 def test_train_db_loss_falls_and_saved_model_loads(tiny_checkpoint, photo_dir, tmp_path):
     base = tiny_checkpoint("sd1")
-    run = train("db", db_args(base, photo_dir, tmp_path, "--max_train_steps", "12", "--cache_latents",
+    run = train("db", db_args(base, photo_dir, tmp_path, "--max_train_steps", "6", "--cache_latents",
                               "--save_model_as", "safetensors", "--no_token_padding"))
     task = run.extra["task"]
     trained_loss = fixed_loss(run, task)
@@ -156,6 +156,9 @@ def test_train_db_resume_with_text_encoder_stop_and_ema(tiny_checkpoint, photo_d
     unet = [k for k in a if k.startswith("unet.")]
     assert te and unet
     assert max(float((a[k] - step1[k]).abs().max()) for k in te) == 0  # frozen after step 1
+    from library.model_loading import load_models
+    base_te = load_models(base).text_encoders[0].state_dict()
+    assert max(float((step1[k] - base_te[k[len("text_encoder."):]]).abs().max()) for k in te) > 0  # trained in step 1
     assert max(float((a[k] - step1[k]).abs().max()) for k in unet) > 0
 
     # ckpt by default (single-file source); with --save_ema it holds the EMA, not the raw weights
@@ -334,3 +337,13 @@ def test_fused_backward_step_equals_a_plain_step():
     for a, b in zip(plain.parameters(), fused.parameters()):
         assert torch.allclose(a, b, atol=1e-7)
     assert not torch.equal(plain[0].weight, start)
+
+
+def test_non_finite_weights_are_not_saved(tmp_path):
+    from library.task_full import FullModelTask
+
+    task = FullModelTask("db")
+    task.trained = {"unet.conv_in.weight": torch.nn.Parameter(torch.tensor([1.0, float("nan")]))}
+    with pytest.raises(UserError, match="unet.conv_in.weight is not finite"):
+        task.save(None, str(tmp_path / "model.safetensors"), 1, 5, final=True)
+    assert not (tmp_path / "model.safetensors").exists()
