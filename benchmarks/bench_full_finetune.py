@@ -34,6 +34,8 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_checkpoints import checkpoint_path  # noqa: E402
 GIB = 1024**3
 SD15_UNET_PARAMS = 859_520_964  # trained tensors of a full fine-tune (U-Net only)
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
@@ -145,7 +147,7 @@ def child(options: dict) -> dict:
 
 
 def ensure_model(cache_dir: str) -> str:
-    path = os.path.join(cache_dir, "sd1-full-fp16-seed0.safetensors")  # bench_model_io.py's file
+    path = checkpoint_path(cache_dir, "sd1")
     if not os.path.isfile(path):
         os.makedirs(cache_dir, exist_ok=True)
         print(f"generating {path} (once)...", flush=True)

@@ -28,6 +28,8 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_checkpoints import checkpoint_path, ensure_checkpoint  # noqa: E402,F401
 CHUNK = 16 * 1024 * 1024
 GIB = 1024 ** 3
 
@@ -266,14 +268,6 @@ def _summarise(runs: list) -> dict:
     return result
 
 
-def checkpoint_path(cache_dir: str, family: str) -> str:
-    return os.path.join(cache_dir, f"{family}-full-fp16-seed0.safetensors")
-
-
-def ensure_checkpoint(cache_dir: str, family: str, skip_generate: bool) -> str | None:
-    path = checkpoint_path(cache_dir, family)
-    if os.path.isfile(path):
-        return path
     if skip_generate:
         print(f"[{family}] no cached checkpoint at {path}; skipped (--skip_generate)", flush=True)
         return None

@@ -47,6 +47,8 @@ import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_checkpoints import checkpoint_path, ensure_checkpoint  # noqa: E402,F401
 GIB = 1024 ** 3
 FAMILIES = ("sd1", "sdxl")
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
@@ -72,26 +74,6 @@ TQDM_COUNT = re.compile(r"\|\s*(\d+)/(\d+) \[")
 
 # ---------------------------------------------------------------------------------------------
 # inputs: the checkpoint and the photos
-
-
-def checkpoint_path(cache_dir: str, family: str) -> str:
-    """Same name as benchmarks/bench_model_io.py uses, so either benchmark reuses the other's file."""
-    return os.path.join(cache_dir, f"{family}-full-fp16-seed0.safetensors")
-
-
-def ensure_checkpoint(cache_dir: str, family: str, skip_generate: bool) -> str | None:
-    path = checkpoint_path(cache_dir, family)
-    if os.path.isfile(path):
-        return path
-    if skip_generate:
-        print(f"[{family}] no cached checkpoint at {path}; skipped (--skip_generate)", flush=True)
-        return None
-    os.makedirs(cache_dir, exist_ok=True)
-    print(f"[{family}] generating {path} (once; cached for later runs)...", flush=True)
-    cmd = [sys.executable, os.path.join(REPO, "tools", "make_random_model.py"),
-           "--family", family, "--size", "full", "--precision", "fp16", path]
-    subprocess.run(cmd, cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"), check=True)
-    return path
 
 
 def ensure_photos(cache_dir: str) -> str:
