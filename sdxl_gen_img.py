@@ -18,7 +18,7 @@ def main(argv=None):
     from library.gen_args import build_parser
 
     args = build_parser(sdxl_only=True, description=__doc__).parse_args(argv)
-    from library.generation import run_from_args
+    from library.gen_run import run_from_args
 
     return run_from_args(args, sdxl=True)
 

@@ -95,7 +95,9 @@ def child_index(workdir: str) -> dict:
 
 
 def child_hash(workdir: str, n: int) -> dict:
-    from library.latent_cache import EntryStore, FileHasher, LATENTS_KIND, BESIDE_IMAGES
+    from library.cache_keys import FileHasher
+    from library.cache_store import BESIDE_IMAGES, EntryStore
+    from library.latent_cache import LATENTS_KIND
 
     folder = image_folder(workdir)
     paths = sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(".jpg"))[:n]
@@ -141,7 +143,8 @@ def child_bucket(workdir: str, n: int) -> dict:
 def child_store(workdir: str, n: int) -> dict:
     import torch
 
-    from library.latent_cache import LATENT_FORMAT, EntryStore, check_entry, read_entry, write_entry
+    from library.cache_store import EntryStore, check_entry, read_entry, write_entry
+    from library.latent_cache import LATENT_FORMAT
 
     store = EntryStore(os.path.join(workdir, "store"), "latents")
     latents = torch.randn(4, 64, 64)
@@ -198,7 +201,9 @@ def _stub_vae():
 
 def child_cache(workdir: str, n: int) -> dict:
     from library.bucketing import BucketSettings
-    from library.latent_cache import BESIDE_IMAGES, LatentCache, LatentSample, image_sizes, plan_centre_crops
+    from library.cache_store import BESIDE_IMAGES
+    from library.cache_tools import image_sizes, plan_centre_crops
+    from library.latent_cache import LatentCache, LatentSample
 
     folder = image_folder(workdir)
     paths = sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(".jpg"))[:n]

@@ -70,10 +70,9 @@ def main(argv=None):
 
     from library.bucketing import BucketSettings
     from library.errors import UserError
-    from library.latent_cache import (
-        LatentCache, LatentSample, detect_model_family, disk_location, image_sizes, load_vae_for_caching,
-        plan_centre_crops, with_flips,
-    )
+    from library.cache_settings import disk_location
+    from library.cache_tools import detect_model_family, image_sizes, load_vae_for_caching, plan_centre_crops
+    from library.latent_cache import LatentCache, LatentSample, with_flips
     from library.metadata_json import image_key, list_images, read_metadata, write_metadata
 
     if args.batch_size < 1:

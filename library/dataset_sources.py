@@ -22,15 +22,9 @@ import random
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional
 
-from library.dataset_config import (
-    CONTROLNET,
-    DREAMBOOTH,
-    FINETUNE,
-    FOLDER_NAMING_RULE,
-    DatasetParams,
-    ResolvedConfig,
-    SubsetParams,
-)
+from library.dataset_config import DatasetParams, ResolvedConfig, SubsetParams
+from library.dataset_flags import FOLDER_NAMING_RULE
+from library.dataset_schema import CONTROLNET, DREAMBOOTH, FINETUNE
 from library import image_files
 from library.errors import UserError
 

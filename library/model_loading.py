@@ -121,6 +121,11 @@ def _split_prefix(tensors: Dict[str, torch.Tensor], prefix: str) -> Dict[str, to
     return {k[n:]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
 
 
+def _part_dtype(part: str, dtype: Optional[torch.dtype], part_dtypes: Optional[Dict[str, torch.dtype]]):
+    """The dtype one part ("unet", "vae", "text_encoder", "text_encoder_2") is read in."""
+    return (part_dtypes or {}).get(part, dtype)
+
+
 def load_single_file(
     path: str,
     v2: Optional[bool] = None,
@@ -128,17 +133,21 @@ def load_single_file(
     sdxl: Optional[bool] = None,
     dtype: Optional[torch.dtype] = None,
     keep_ema: bool = False,
+    part_dtypes: Optional[Dict[str, torch.dtype]] = None,
 ) -> StableDiffusionModels:
     keys = list(checkpoint_io.read_keys(path))
     family = resolve_family(detect.detect_single_file(path, keys), path, v2, sdxl)
     select = None if keep_ema else (lambda k: not k.startswith(EMA_PREFIX))
-    model_prefixes = (detect.UNET_PREFIX, detect.VAE_PREFIX) + tuple(s.single_file_prefix for s in family.text_encoders)
+    prefixes = [(detect.UNET_PREFIX, "unet"), (detect.VAE_PREFIX, "vae")]
+    prefixes += [(s.single_file_prefix, s.diffusers_subfolder) for s in family.text_encoders]
+    dtypes = {prefix: _part_dtype(part, dtype, part_dtypes) for prefix, part in prefixes}
 
     def dtype_for(key: str):
         # schedule buffers, EMA and other extras keep the file's dtype, so a re-save is exact
-        return dtype if key.startswith(model_prefixes) else None
+        return next((d for prefix, d in dtypes.items() if key.startswith(prefix)), None)
 
-    ckpt = checkpoint_io.read_checkpoint(path, dtype=dtype_for if dtype is not None else None, select=select)
+    wants_cast = any(d is not None for d in dtypes.values())
+    ckpt = checkpoint_io.read_checkpoint(path, dtype=dtype_for if wants_cast else None, select=select)
     tensors = ckpt.tensors
 
     unet = build_unet(unet_convert.ldm_to_diffusers(_split_prefix(tensors, detect.UNET_PREFIX)), family)
@@ -225,20 +234,24 @@ def load_diffusers_folder(
     sdxl: Optional[bool] = None,
     dtype: Optional[torch.dtype] = None,
     variant: Optional[str] = None,
+    part_dtypes: Optional[Dict[str, torch.dtype]] = None,
 ) -> StableDiffusionModels:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     family = resolve_family(detect.detect_diffusers_folder(path), path, v2, sdxl)
     unet_cfg = UNet2DConditionModel.load_config(os.path.join(path, "unet"))
-    unet = build_unet(_read_component(os.path.join(path, "unet"), "diffusers", dtype, variant), family, unet_cfg)
+    unet_dtype = _part_dtype("unet", dtype, part_dtypes)
+    unet = build_unet(_read_component(os.path.join(path, "unet"), "diffusers", unet_dtype, variant), family, unet_cfg)
     vae = None
     if os.path.isdir(os.path.join(path, "vae")):
         vae_cfg = AutoencoderKL.load_config(os.path.join(path, "vae"))
-        vae = build_vae(_read_component(os.path.join(path, "vae"), "diffusers", dtype, variant), family, vae_cfg)
+        vae_dtype = _part_dtype("vae", dtype, part_dtypes)
+        vae = build_vae(_read_component(os.path.join(path, "vae"), "diffusers", vae_dtype, variant), family, vae_cfg)
     text_encoders = []
     for spec in family.text_encoders:
         folder = os.path.join(path, spec.diffusers_subfolder)
-        classic = clip_convert.normalize_clip_keys(_read_component(folder, "transformers", dtype, variant))
+        te_dtype = _part_dtype(spec.diffusers_subfolder, dtype, part_dtypes)
+        classic = clip_convert.normalize_clip_keys(_read_component(folder, "transformers", te_dtype, variant))
         config = _clip_config_from_file(os.path.join(folder, "config.json"))
         text_encoders.append(build_text_encoder(classic, spec, config))
     prediction = detect.diffusers_prediction_type(path)
@@ -282,20 +295,23 @@ def load_models(
     vae: Optional[str] = None,
     variant: Optional[str] = None,
     keep_ema: bool = False,
+    part_dtypes: Optional[Dict[str, torch.dtype]] = None,
 ) -> StableDiffusionModels:
     """Load a model from a single-file checkpoint or a diffusers folder (family detected from the data).
 
     v2 / sdxl: what the user or script asserts; a contradiction with the file is a UserError.
     dtype: floating-point dtype to load into (None keeps the file's dtypes).
+    part_dtypes: per-part exceptions to `dtype`, keyed "unet", "vae", "text_encoder", "text_encoder_2"
+    (a trainer reads the parts it trains in float32 and the frozen ones in half precision).
     """
     if not os.path.exists(path):
         raise UserError(f"{path}: no such file or folder (models are never downloaded; pass a local checkpoint or diffusers folder)")
     if os.path.isdir(path):
-        models = load_diffusers_folder(path, v2, v_parameterization, sdxl, dtype, variant)
+        models = load_diffusers_folder(path, v2, v_parameterization, sdxl, dtype, variant, part_dtypes)
     else:
-        models = load_single_file(path, v2, v_parameterization, sdxl, dtype, keep_ema)
+        models = load_single_file(path, v2, v_parameterization, sdxl, dtype, keep_ema, part_dtypes)
     if vae:
-        models.vae = load_vae(vae, models.family, dtype)
+        models.vae = load_vae(vae, models.family, _part_dtype("vae", dtype, part_dtypes))
     if models.vae is None:
         raise UserError(f"{path}: the model has no VAE; pass one with --vae")
     return models

@@ -169,10 +169,12 @@ def target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: tor
     return _with_cpu_schedule(scheduler, scheduler.get_velocity, latents, noise, timesteps.to(latents.device))
 
 
-def forward_process(scheduler, latents: torch.Tensor, settings, generator: Optional[torch.Generator] = None):
+def forward_process(scheduler, latents: torch.Tensor, settings, generator: Optional[torch.Generator] = None,
+                    timesteps: Optional[torch.Tensor] = None):
     """The whole per-step forward process for a `NoiseSettings`: returns (noise, noisy_latents, timesteps).
 
-    `noise` is the unperturbed ε, i.e. what `target` needs.
+    `noise` is the unperturbed ε, i.e. what `target` needs. `timesteps` fixes the timesteps instead
+    of drawing them (validation measures the loss at set ones).
     """
     noise = make_noise(
         latents, generator,
@@ -182,8 +184,9 @@ def forward_process(scheduler, latents: torch.Tensor, settings, generator: Optio
         multires_noise_iterations=settings.multires_noise_iterations,
         multires_noise_discount=settings.multires_noise_discount,
     )
-    timesteps = sample_timesteps(latents.shape[0], settings.min_timestep, settings.max_timestep, generator,
-                                 latents.device)
+    if timesteps is None:
+        timesteps = sample_timesteps(latents.shape[0], settings.min_timestep, settings.max_timestep, generator,
+                                     latents.device)
     noisy = noisy_latents(scheduler, latents, noise, timesteps, settings.ip_noise_gamma,
                           settings.ip_noise_gamma_random_strength, generator)
     return noise, noisy, timesteps

@@ -43,7 +43,7 @@ def _floor_size(value) -> int:
 
 
 @contextlib.contextmanager
-def _eval_mode(modules: Sequence[torch.nn.Module]):
+def eval_mode(modules: Sequence[torch.nn.Module]):
     modes = [(m, m.training) for m in modules if m is not None]
     for module, _ in modes:
         module.eval()
@@ -132,7 +132,7 @@ def sample_images(
     autocast = run_like.precision_autocast() if hasattr(run_like, "precision_autocast") else contextlib.nullcontext()
     modules = [models.unet, models.vae, *models.text_encoders, *networks]
     saved = []
-    with _eval_mode(modules), _on_device(models.vae, run_like.device), _preserved_rng(), torch.no_grad(), autocast:
+    with eval_mode(modules), _on_device(models.vae, run_like.device), _preserved_rng(), torch.no_grad(), autocast:
         for prompt in prompts:
             given_seed = (prompt.get("seeds") or [None])[0]
             seed = given_seed if given_seed is not None else random.SystemRandom().randint(0, 2**32 - 1)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from library import dataset_config, dataset_scan, ema, latent_cache, optimizers, train_args, train_math
+from library import cache_settings, dataset_check, dataset_flags, ema, optimizers, train_args, train_math
 
 FULL_MODEL_FORMATS = [None, "ckpt", "safetensors", "diffusers", "diffusers_safetensors"]
 
@@ -18,15 +18,15 @@ def _base_parser(description: str, sdxl: bool, support_dreambooth: bool = True,
     train_args.add_logging_arguments(parser)
     train_args.add_model_arguments(parser, sdxl=sdxl)
     train_args.add_modelspec_arguments(parser)
-    dataset_config.add_dataset_arguments(parser, support_dreambooth, support_caption, True)
-    dataset_config.add_config_arguments(parser)
+    dataset_flags.add_dataset_arguments(parser, support_dreambooth, support_caption, True)
+    dataset_flags.add_config_arguments(parser)
     train_args.add_training_arguments(parser, support_dreambooth)
     train_args.add_masked_loss_arguments(parser)
     optimizers.add_optimizer_arguments(parser)
     train_math.add_train_math_arguments(parser)
     parser.add_argument("--weighted_captions", action="store_true", help="parse (word:1.2) weights in captions")
-    latent_cache.add_cache_arguments(parser, support_text_encoder_caching=sdxl)
-    dataset_scan.add_dataset_check_arguments(parser)
+    cache_settings.add_cache_arguments(parser, support_text_encoder_caching=sdxl)
+    dataset_check.add_dataset_check_arguments(parser)
     if sdxl:
         train_args.add_sdxl_arguments(parser)
     ema.add_ema_arguments(parser)

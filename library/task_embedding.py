@@ -164,12 +164,35 @@ class EmbeddingTask(Task):
         self.templates = OBJECT_TEMPLATES if args.use_object_template else STYLE_TEMPLATES if args.use_style_template else ()
         if not args.output_name:
             args.output_name = args.token_string  # sd-scripts' default file name
+        self.strings = token_strings(args.token_string, args.num_vectors_per_token)
+
+    def check_data(self, scan, args) -> None:
+        """Every training caption (prefix/suffix included, regularisation images excepted) must
+        contain the token; found before any model loads or latent is cached."""
+        if self.templates:
+            return
+        token = self.strings[0]
+        missing = []
+        for dataset in scan.datasets:
+            for image in dataset.train + dataset.validation:
+                subset = dataset.params.subsets[image.entry.subset_index]
+                if subset.is_reg:
+                    continue
+                text = " ".join(t for t in (subset.caption_prefix, image.entry.caption, subset.caption_suffix) if t)
+                if token not in text:
+                    missing.append(os.path.basename(image.path))
+        if missing:
+            listed = ", ".join(missing[:_LISTED_FILES]) + (f" and {len(missing) - _LISTED_FILES} more"
+                                                         if len(missing) > _LISTED_FILES else "")
+            raise UserError(
+                f"{len(missing)} caption(s) do not contain the token string {token!r} (case-sensitive): {listed}; "
+                "add it to those captions (or use --caption_prefix), or use --use_object_template / --use_style_template"
+            )
 
     # --- set-up ----------------------------------------------------------------------------
 
     def setup(self, run: Run) -> None:
         args = run.args
-        self.strings = token_strings(args.token_string, args.num_vectors_per_token)
         for i, (tokenizer, encoder) in enumerate(zip(run.tokenizers, run.models.text_encoders)):
             base = encoder.get_input_embeddings()
             init_ids = self._init_ids(tokenizer, args.init_word, warn=i == 0)  # before the new tokens exist
@@ -216,32 +239,12 @@ class EmbeddingTask(Task):
             return {"": [t.format(expanded) for t in self.templates]}
         return {self.strings[0]: expanded} if len(self.strings) > 1 else {}
 
-    def _check_captions(self, run: Run) -> None:
-        """Every training caption (prefix/suffix included, regularisation images excepted) must contain the token."""
-        token = self.strings[0]
-        missing = []
-        for dataset in run.dataset.scan.datasets:
-            for image in dataset.train + dataset.validation:
-                subset = dataset.params.subsets[image.entry.subset_index]
-                if subset.is_reg:
-                    continue
-                text = " ".join(t for t in (subset.caption_prefix, image.entry.caption, subset.caption_suffix) if t)
-                if token not in text:
-                    missing.append(os.path.basename(image.path))
-        if missing:
-            listed = ", ".join(missing[:_LISTED_FILES]) + (f" and {len(missing) - _LISTED_FILES} more"
-                                                         if len(missing) > _LISTED_FILES else "")
-            raise UserError(
-                f"{len(missing)} caption(s) do not contain the token string {token!r} (case-sensitive): {listed}; "
-                "add it to those captions (or use --caption_prefix), or use --use_object_template / --use_style_template"
-            )
+    def configure_dataset(self, run: Run) -> None:
+        for dataset in (run.dataset, run.extra.get("validation_dataset")):
+            if dataset is not None:
+                dataset.replacements = self.replacements() or None
 
     def param_groups(self, run: Run) -> tuple:
-        # The trainer builds the dataset after `setup` and has no hook for caption options, and
-        # this is the first call that sees the dataset: attach the replacements here, before any batch.
-        if not self.templates:
-            self._check_captions(run)
-        run.dataset.replacements = self.replacements() or None
         return [{"params": self.vectors, "lr": run.args.learning_rate}], ["textual_inversion"]
 
     # --- the loop's hooks ------------------------------------------------------------------

@@ -117,6 +117,8 @@ class FusedBackwardOptimizer:
     gradients never exists at once. The loop's own `step()` then has nothing left to do. Attribute
     access falls through to the real optimizer (param groups, state dicts, schedulers)."""
 
+    steps_in_backward = True  # the loop skips its own gradient sync, clipping and step
+
     def __init__(self, optimizer, max_grad_norm: float):
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
@@ -165,15 +167,6 @@ def _own_storage(module: torch.nn.Module) -> None:
         for name, p in list(owner._parameters.items()):
             if p is not None and (p._is_view() or p.untyped_storage().nbytes() > p.numel() * p.element_size()):
                 owner._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-
-
-def _release_parameters(module: torch.nn.Module) -> None:
-    """Parameters become meta tensors (memory freed) until new values are assigned; buffers, such as
-    CLIP's non-persistent position ids that no state dict carries, stay."""
-    for owner in module.modules():
-        for name, p in list(owner._parameters.items()):
-            if p is not None:
-                owner._parameters[name] = torch.nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
 
 
 def _checkpoint_text_encoder(encoder) -> None:
@@ -281,12 +274,23 @@ class FullModelTask(Task):
     def trains_text_encoder(self, index: int) -> bool:
         return index < len(self.te_active) and self.te_active[index]
 
+    def load_dtypes(self, precision) -> Dict[str, torch.dtype]:
+        """Trained parts are read in their training dtype (float32 under --mixed_precision without
+        --full_fp16/bf16): training starts from the file's exact values, and nothing is read twice."""
+        parts = {"unet": precision.train_dtype} if self.trains_unet() else {}
+        for i, spec in enumerate(self._text_encoder_parts()):
+            if self.trains_text_encoder(i):
+                parts[spec] = precision.train_dtype
+        return parts
+
+    def _text_encoder_parts(self) -> List[str]:
+        return ["text_encoder", "text_encoder_2"][:2 if self.sdxl else 1]
+
     def setup(self, run: Run) -> None:
         self.run = run
         if self.fused and run.num_processes > 1:
             raise UserError("--fused_backward_pass/--fused_optimizer_groups run on one process; launch without multi-GPU")
         models = run.models
-        self._reload_float32(run)
         dtype = run.precision.train_dtype
         if self.trains_unet():
             _move(models.unet, run.device, dtype)
@@ -322,28 +326,6 @@ class FullModelTask(Task):
             self._block_of = unet_block_indices(self.run.models.unet)
         return self._block_of[name]
 
-    def _reload_float32(self, run: Run) -> None:
-        """Trained parts are read again in float32 when the loop loaded them rounded to half
-        precision (--mixed_precision without --full_fp16/bf16): training starts from the exact base."""
-        from library.model_loading import load_diffusers_folder, load_single_file
-
-        if run.precision.weight_dtype == run.precision.train_dtype:
-            return
-        path = run.args.pretrained_model_name_or_path
-        logger.info("re-reading the trained parts of %s in float32 (the frozen ones stay %s)", path,
-                    str(run.precision.weight_dtype).replace("torch.", ""))
-        trained = [run.models.unet] if self.trains_unet() else []
-        trained += [e for i, e in enumerate(run.models.text_encoders) if self.trains_text_encoder(i)]
-        for module in trained:  # free the rounded copies first: the peak stays near one float32 model
-            _release_parameters(module)
-        loader = load_diffusers_folder if os.path.isdir(path) else load_single_file
-        fresh = loader(path, sdxl=self.sdxl, dtype=torch.float32)
-        if self.trains_unet():
-            run.models.unet.load_state_dict(fresh.unet.state_dict(), assign=True)
-        for i, encoder in enumerate(run.models.text_encoders):
-            if self.trains_text_encoder(i):
-                encoder.load_state_dict(fresh.text_encoders[i].state_dict(), assign=True)
-
     def param_groups(self, run: Run) -> tuple:
         groups, names = [], []
         unet = run.models.unet
@@ -373,9 +355,8 @@ class FullModelTask(Task):
 
     # --- steps --------------------------------------------------------------------------------
 
-    def before_step(self, run: Run, batch: dict) -> None:
-        if self.fused and not isinstance(run.optimizer, FusedBackwardOptimizer):
-            run.optimizer = FusedBackwardOptimizer(run.optimizer, run.args.max_grad_norm)
+    def wrap_optimizer(self, run: Run, optimizer):
+        return FusedBackwardOptimizer(optimizer, run.args.max_grad_norm) if self.fused else optimizer
 
     def after_step(self, run: Run) -> Dict[str, float]:
         self.steps_done += 1

@@ -12,7 +12,7 @@ encoded once.
 Caching is only correct when a sample's caption text never changes between fetches:
 `text_encoder_cache_blockers` lists the settings that break this (caption shuffle, dropout,
 token warm-up, tag dropout, wildcards) and `check_text_encoder_caching` turns them into a
-UserError. Entries are stored like latents (see `library.latent_cache`): memory, one folder, or
+UserError. Entries are stored like latents (see `library.cache_store`): memory, one folder, or
 `<image folder>/.sdtrain_cache/text_encoder_outputs/` beside each sample's image.
 """
 
@@ -26,20 +26,19 @@ import random
 import time
 from typing import Iterable, NamedTuple, Optional, Sequence
 
-from library.errors import UserError
-from library.latent_cache import (
+from library.cache_keys import cache_key, state_fingerprint
+from library.cache_store import (
     CacheStats,
     CorruptEntry,
     EntryStore,
-    cache_key,
     check_entry,
     plan_fill,
     read_entry,
     safetensors_dtype,
-    state_fingerprint,
     warn_damaged,
     write_entry,
 )
+from library.errors import UserError
 
 logger = logging.getLogger(__name__)
 

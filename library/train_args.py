@@ -97,9 +97,18 @@ def add_training_arguments(parser: argparse.ArgumentParser, support_dreambooth: 
     g.add_argument("--clip_skip", type=int, default=None, help="use the output of the k-th last text-encoder layer")
     g.add_argument("--lowram", action="store_true", help="accepted for compatibility (loading is already lean)")
     g.add_argument("--highvram", action="store_true", help="accepted for compatibility")
-    g.add_argument("--initial_epoch", type=int, default=None, help="start counting epochs here (1-based)")
-    g.add_argument("--initial_step", type=int, default=None, help="start counting steps here")
-    g.add_argument("--skip_until_initial_step", action="store_true", help="skip data up to --initial_step")
+    g.add_argument("--initial_epoch", type=int, default=None,
+                   help="start at this epoch (1-based): step counts, file names and schedules continue from there")
+    g.add_argument("--initial_step", type=int, default=None,
+                   help="start at this step (overrides the step of a --resume state)")
+    g.add_argument("--skip_until_initial_step", action="store_true",
+                   help="start the data at --initial_step / --initial_epoch too (else at the start of that epoch)")
+
+    g = parser.add_argument_group("validation (images held out by --validation_split)")
+    g.add_argument("--validate_every_n_steps", type=int, default=None, help="validate every N steps")
+    g.add_argument("--validate_every_n_epochs", type=int, default=None,
+                   help="validate at the end of every N epochs (default: every epoch when there is a validation split)")
+    g.add_argument("--max_validation_steps", type=int, default=None, help="validate on at most N batches per pass")
 
     g = parser.add_argument_group("logging and samples")
     g.add_argument("--logging_dir", type=str, default=None, help="log folder (a timestamped sub-folder per run)")

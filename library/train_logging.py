@@ -73,6 +73,16 @@ class TrainLogger:
             self._write(values, step)
         return average
 
+    def validation(self, kind: str, index: int, loss: float) -> None:
+        """A validation pass's loss after step or epoch `index`; divergence is its distance to the
+        training loss (the moving average for steps, the epoch's mean for epochs)."""
+        losses = self.window if kind == "step" else self.epoch_losses
+        train = sum(losses) / len(losses) if losses else float("nan")
+        logger.info("validation loss after %s %d: %.5f (training %.5f)", kind, index, loss, train)
+        if self.writers:
+            self._write({f"loss/validation/{kind}_average": loss,
+                         f"loss/validation/{kind}_divergence": loss - train}, index)
+
     def epoch_end(self, epoch: int) -> None:
         if self.writers and self.epoch_losses:
             self._write({"loss/epoch": sum(self.epoch_losses) / len(self.epoch_losses)}, epoch)

@@ -73,20 +73,32 @@ def save_state(
         raise
 
 
-def load_state(folder: str) -> tuple:
-    """(trainable tensors, optimizer state dict, scheduler state dict, Position, extra dict)."""
+def _read_json(folder: str) -> tuple:
+    """(the state's JSON data, its Position)."""
     state_json = os.path.join(folder, STATE_FILE)
     if not os.path.isfile(state_json):
         raise UserError(f"--resume {folder}: not a state folder of ours (no {STATE_FILE}); pass a *-state folder")
+    try:
+        with open(state_json, encoding="utf-8") as f:
+            data = json.load(f)
+        position = Position(epoch=int(data["epoch"]), step=int(data["step"]),
+                            batch_in_epoch=int(data["batch_in_epoch"]), seed=int(data.get("seed", 0)))
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--resume {folder}: {STATE_FILE} is damaged ({e}); resume from another state folder") from None
+    return data, position
+
+
+def read_position(folder: str) -> Position:
+    """The position a state folder records (its seed too), without reading its tensors."""
+    return _read_json(folder)[1]
+
+
+def load_state(folder: str) -> tuple:
+    """(trainable tensors, optimizer state dict, scheduler state dict, Position, extra dict)."""
+    data, position = _read_json(folder)
     for name in (WEIGHTS_FILE, OPTIMIZER_FILE, SCHEDULER_FILE):
         if not os.path.isfile(os.path.join(folder, name)):
             raise UserError(f"--resume {folder}: {name} is missing; the state folder is incomplete")
-    with open(state_json, encoding="utf-8") as f:
-        data = json.load(f)
-    position = Position(
-        epoch=int(data["epoch"]), step=int(data["step"]), batch_in_epoch=int(data["batch_in_epoch"]),
-        seed=int(data.get("seed", 0)),
-    )
     trainable = safetensors_io.load_tensors(os.path.join(folder, WEIGHTS_FILE))
     try:
         optimizer = torch.load(os.path.join(folder, OPTIMIZER_FILE), map_location="cpu", weights_only=True)

@@ -31,7 +31,9 @@ class Task:
     """What differs between training a network, a full model, an embedding or LLLite.
 
     Subclasses override the hooks below; the loop calls them in this order: `validate_args`,
-    `setup`, `param_groups`, then per step `before_step` / `after_step`, and `save` at save points.
+    `check_data` (before any model loads), `load_dtypes`, `setup`, `configure_dataset`,
+    `param_groups`, `wrap_optimizer`, then per step `before_step` / `after_step`, and `save` at
+    save points.
     """
 
     name = "task"
@@ -41,8 +43,24 @@ class Task:
     def validate_args(self, args) -> None:
         pass
 
+    def check_data(self, scan, args) -> None:
+        """Task-specific checks of the scanned dataset, before any model loads."""
+
+    def load_dtypes(self, precision) -> Dict[str, torch.dtype]:
+        """Parts ("unet", "vae", "text_encoder", "text_encoder_2") to read in another dtype than
+        the frozen weights' one: trained parts in their training dtype, so nothing is read twice."""
+        return {}
+
     def setup(self, run: "Run") -> None:
         raise NotImplementedError
+
+    def configure_dataset(self, run: "Run") -> None:
+        """Adjust the dataset (caption rewrites...) before caches are filled and batches drawn."""
+
+    def wrap_optimizer(self, run: "Run", optimizer):
+        """The optimizer the loop steps. One with `steps_in_backward = True` steps every tensor
+        during the backward pass: the loop then skips its own gradient sync, clipping and step."""
+        return optimizer
 
     def trains_text_encoder(self, index: int) -> bool:
         return False
@@ -153,6 +171,22 @@ def peek_family(args, sdxl: Optional[bool]):
     return SD2 if getattr(args, "v2", False) else SD1
 
 
+def _run_seed(args) -> int:
+    """--seed, else a resumed state's seed, else a random one; written back to args (metadata)."""
+    from library.train_state import read_position
+
+    seed = args.seed
+    if args.resume:
+        state_seed = read_position(args.resume).seed
+        if seed is not None and seed != state_seed:
+            logger.info("resume: using the state's seed %d instead of --seed %d", state_seed, seed)
+        seed = state_seed
+    if seed is None:
+        seed = random.randint(0, 2**31 - 1)
+    args.seed = seed
+    return seed
+
+
 def _freeze(module: torch.nn.Module) -> None:
     module.requires_grad_(False)
     module.eval()
@@ -160,7 +194,7 @@ def _freeze(module: torch.nn.Module) -> None:
 
 def prepare_run(args, task: Task):
     """Everything before the first step; an int (exit status) when --dataset_check ends the run."""
-    from library.dataset_scan import run_dataset_check, scan_from_args
+    from library.dataset_check import run_dataset_check, scan_from_args
     from library.device_setup import make_accelerator, resolve_precision, set_attention
     from library.model_loading import load_models
     from library.noise import make_noise_scheduler, snr_table
@@ -170,8 +204,9 @@ def prepare_run(args, task: Task):
     from library.train_math import LossSettings, NoiseSettings
 
     task.validate_args(args)
-    seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
-    args.seed = seed
+    seed = _run_seed(args)
+    if args.validation_seed is None:
+        args.validation_seed = seed  # every process, and a resumed run, holds out the same images
 
     # 1. the data, before any model: bad files stop the run here, not an hour in
     family = peek_family(args, task.sdxl)
@@ -179,6 +214,7 @@ def prepare_run(args, task: Task):
         return run_dataset_check(args, family)
     scan = scan_from_args(args, family)
     scan.raise_for_problems()
+    task.check_data(scan, args)
 
     # 2. processes, device, precision
     accelerator = make_accelerator(args)
@@ -187,7 +223,11 @@ def prepare_run(args, task: Task):
     if not args.pretrained_model_name_or_path:
         raise UserError("--pretrained_model_name_or_path is required (a local .safetensors/.ckpt file or diffusers folder)")
 
-    # 3. the model, read once in the precision it will run in
+    # 3. the model, each part read once in the precision it will run in
+    part_dtypes = {}
+    if args.no_half_vae or precision.weight_dtype == torch.float16 and family.is_sdxl:
+        part_dtypes["vae"] = torch.float32  # SDXL's VAE overflows in float16
+    part_dtypes.update(task.load_dtypes(precision))
     models = load_models(
         args.pretrained_model_name_or_path,
         v2=True if getattr(args, "v2", False) else None,
@@ -195,6 +235,7 @@ def prepare_run(args, task: Task):
         sdxl=task.sdxl,
         dtype=precision.weight_dtype,
         vae=args.vae,
+        part_dtypes=part_dtypes,
     )
     family = models.family
     clip_skip, warning = training_clip_skip(family, args.clip_skip)
@@ -231,11 +272,17 @@ def prepare_run(args, task: Task):
     torch.manual_seed(seed)
     task.setup(run)
     run.extra["task"] = task
+    if args.torch_compile:
+        _compile_unet(run)
 
     # 5. the dataset, and the caches it reads latents and text-encoder outputs from
     from library.training_caches import attach_caches
 
     run.dataset = TrainDataset.from_args(scan, family, tokenizers, args, seed=seed)
+    if any(dataset.validation for dataset in scan.datasets):
+        run.extra["validation_dataset"] = TrainDataset.from_args(scan, family, tokenizers, args, seed=seed,
+                                                                 split="validation")
+    task.configure_dataset(run)
     attach_caches(run, task)
 
     # 6. schedule: steps, epochs
@@ -254,9 +301,21 @@ def prepare_run(args, task: Task):
 
     groups, descriptions = task.param_groups(run)
     run.extra["group_descriptions"] = descriptions
-    run.optimizer_name, run.optimizer_args, run.optimizer = build_optimizer(args, groups)
-    run.lr_scheduler = build_lr_scheduler(args, run.optimizer, run.max_steps, accelerator.num_processes)
+    run.optimizer_name, run.optimizer_args, optimizer = build_optimizer(args, groups)
+    run.lr_scheduler = build_lr_scheduler(args, optimizer, run.max_steps, accelerator.num_processes)
+    run.optimizer = task.wrap_optimizer(run, optimizer)
     return run
+
+
+def _compile_unet(run: Run) -> None:
+    """--torch_compile: compile the U-Net in place (its parameter names, and so every saved file,
+    stay as they are), after the task has patched or unfrozen it."""
+    backend = (run.args.dynamo_backend or "inductor").lower()
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise UserError(f"--dynamo_backend {backend}: unknown to this torch; use one of {', '.join(sorted(known))}")
+    logger.info("compiling the U-Net with torch.compile (backend %s); the first steps are slow", backend)
+    run.models.unet.compile(backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,13 +350,15 @@ def _conditioning(run: Run, batch: dict, task: Task):
         return run.conditioner.encode_tokens(ids, run.args.clip_skip, weights)
 
 
-def micro_step_loss(run: Run, task: Task, batch: dict, generator: torch.Generator) -> torch.Tensor:
+def micro_step_loss(run: Run, task: Task, batch: dict, generator: torch.Generator,
+                    timesteps: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The loss of one micro-batch; `timesteps` fixes them instead of drawing (validation)."""
     from library.losses import compute_loss, latent_mask
     from library.noise import forward_process, target
 
     latents = _latents(run, batch)
     cond = _conditioning(run, batch, task)
-    noise, noisy, timesteps = forward_process(run.noise_scheduler, latents, run.noise_settings, generator)
+    noise, noisy, timesteps = forward_process(run.noise_scheduler, latents, run.noise_settings, generator, timesteps)
     kwargs = task.unet_extra_kwargs(run, batch)
     if run.family.is_sdxl:
         time_ids = torch.cat([batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]], dim=1)
@@ -418,12 +479,37 @@ def _resume(run: Run, task: Task):
     run.optimizer.load_state_dict(opt_state)
     if run.lr_scheduler is not None and sched_state:
         run.lr_scheduler.load_state_dict(sched_state)
-    if position.seed != run.seed:
-        logger.info("resume: using the state's seed %d", position.seed)
-        run.seed = position.seed
-        run.dataset.seed = position.seed
     logger.info("resumed from %s at epoch %d, step %d", run.args.resume, position.epoch, position.step)
     return position
+
+
+def _initial_step(run: Run, resumed: Optional[int]) -> int:
+    """Where the loop starts: a resumed state's step, or --initial_step / --initial_epoch (which
+    override it). Without --skip_until_initial_step a given start is rounded down to the start
+    of its epoch (sd-scripts then only moves the epoch count); with it, it is that exact step: the
+    data position follows, skipped without loading anything, as batch order is a function of the epoch."""
+    args = run.args
+    if args.initial_step is None and args.initial_epoch is None:
+        return resumed or 0
+    if args.initial_step is not None:
+        if args.initial_step < 0:
+            raise UserError(f"--initial_step {args.initial_step}: must be 0 or more")
+        step, given = args.initial_step, f"--initial_step {args.initial_step}"
+    else:
+        if args.initial_epoch < 1:
+            raise UserError(f"--initial_epoch {args.initial_epoch}: epochs count from 1")
+        step, given = (args.initial_epoch - 1) * run.steps_per_epoch, f"--initial_epoch {args.initial_epoch}"
+    if step >= run.max_steps:
+        raise UserError(f"{given} starts at step {step}, but the run has only {run.max_steps} steps; "
+                        "raise --max_train_steps / --max_train_epochs")
+    if resumed is not None and resumed != step:
+        logger.warning("%s replaces the state's step %d", given, resumed)
+    if not args.skip_until_initial_step:
+        step -= step % run.steps_per_epoch
+    if resumed is None:
+        logger.info("%s: starting at step %d (epoch %d); the learning-rate schedule starts from its beginning",
+                    given, step, step // run.steps_per_epoch + 1)
+    return step
 
 
 def _sample(run: Run, task: Task, step: int, epoch: Optional[int]) -> None:
@@ -499,6 +585,7 @@ def train(args, task: Task):
     from library.optimizers import optimizer_eval_mode, optimizer_train_mode
     from library.save_policy import SavePolicy
     from library.train_logging import TrainLogger
+    from library.validation import Validator
 
     run = prepare_run(args, task)
     if isinstance(run, int):
@@ -507,10 +594,11 @@ def train(args, task: Task):
     policy = SavePolicy.from_args(args, task.artifact_ext, run.num_epochs)
     params = [p for g in run.optimizer.param_groups for p in g["params"]]
     ema = run.extra["ema"] = EMA.from_args(args, params)  # EMA: None without --ema_decay
+    stepped_in_backward = getattr(run.optimizer, "steps_in_backward", False)
 
-    step = 0
-    if args.resume:
-        step = _resume(run, task).step
+    resumed = _resume(run, task).step if args.resume else None
+    step = _initial_step(run, resumed)
+    validator = Validator.from_run(run, task)
     tracker = TrainLogger(run)
     logger.info(
         "training %s on %s: %d steps, %d epochs, %d batches per epoch, batch size %d, %s",
@@ -535,10 +623,11 @@ def train(args, task: Task):
                 _check_finite(run, loss, step + 1, batch)
                 loss.backward()
                 total += loss.item()
-            _sync_gradients(run, params, len(micro))
-            if args.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            run.optimizer.step()
+            if not stepped_in_backward:
+                _sync_gradients(run, params, len(micro))
+                if args.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                run.optimizer.step()
             if run.lr_scheduler is not None:
                 # the schedule spans max_train_steps × processes (sd-scripts' convention)
                 for _ in range(run.num_processes):
@@ -555,8 +644,12 @@ def train(args, task: Task):
                 _save_between_steps(run, task, policy, epoch + 1, step, "step")
             if _sample_due(args, step, None):
                 _sample(run, task, step, None)
+            if validator is not None and validator.step_due(step):
+                tracker.validation("step", step, validator.loss())
         if step % per_epoch == 0:
             finished = step // per_epoch
+            if validator is not None and validator.epoch_due(finished):
+                tracker.validation("epoch", finished, validator.loss())
             tracker.epoch_end(finished)
             if step < run.max_steps and policy.epoch_due(finished, run.num_epochs):
                 _save_between_steps(run, task, policy, finished, step, "epoch")

@@ -12,10 +12,17 @@ import logging
 
 import torch
 
-from library.latent_cache import CacheSettings, LatentCache
+from library.cache_settings import CacheSettings
+from library.latent_cache import LatentCache
 from library.text_encoder_cache import TextEncoderOutputCache, check_text_encoder_caching
 
 logger = logging.getLogger(__name__)
+
+
+def _datasets(run) -> list:
+    """The training dataset and, with --validation_split, the held-out one."""
+    held_out = run.extra.get("validation_dataset")
+    return [run.dataset] + ([held_out] if held_out is not None else [])
 
 
 def _cache_latents(run, settings: CacheSettings) -> None:
@@ -23,13 +30,15 @@ def _cache_latents(run, settings: CacheSettings) -> None:
     vae.to(run.device)
     cache = LatentCache(vae, run.family, settings.latent_location(), settings.vae_batch_size,
                         skip_check=settings.skip_check)
-    stats = cache.ensure(run.dataset.latent_cache_samples(), process_index=run.accelerator.process_index,
-                         num_processes=run.num_processes)
+    datasets = _datasets(run)
+    samples = [sample for dataset in datasets for sample in dataset.latent_cache_samples()]
+    stats = cache.ensure(samples, process_index=run.accelerator.process_index, num_processes=run.num_processes)
     run.accelerator.wait_for_everyone()
     logger.info("latent cache: %s", stats)
     vae.to("cpu")  # kept for the rare miss (a damaged entry is re-encoded), off the accelerator
     run.latent_cache = cache
-    run.dataset.latent_provider = cache.provide
+    for dataset in datasets:
+        dataset.latent_provider = cache.provide
 
 
 def _cache_text(run, task, settings: CacheSettings) -> None:
@@ -40,7 +49,8 @@ def _cache_text(run, task, settings: CacheSettings) -> None:
         clip_skip=run.args.clip_skip, weighted=bool(getattr(run.args, "weighted_captions", False)),
         skip_check=settings.skip_check,
     )
-    items = {(run.dataset.caption(i, 1, 0), run.dataset.sample_path(i)) for i in range(len(run.dataset))}
+    datasets = _datasets(run)
+    items = {(d.caption(i, 1, 0), d.sample_path(i)) for d in datasets for i in range(len(d))}
     with torch.no_grad():
         stats = cache.ensure(sorted(items), process_index=run.accelerator.process_index,
                              num_processes=run.num_processes)
@@ -49,7 +59,8 @@ def _cache_text(run, task, settings: CacheSettings) -> None:
     for encoder in run.models.text_encoders:
         encoder.to("cpu")
     run.text_cache = cache
-    run.dataset.text_provider = cache.provide
+    for dataset in datasets:
+        dataset.text_provider = cache.provide
 
 
 def attach_caches(run, task) -> None:

@@ -25,6 +25,9 @@ from PIL import Image
 from library import latent_cache as lc
 from library import text_encoder_cache as tec
 from library.bucketing import plan_crop
+from library.cache_settings import CacheSettings, add_cache_arguments
+from library.cache_store import BESIDE_IMAGES, CACHE_FOLDER
+from library.cache_tools import collect_cache_items, latent_samples_of, load_vae_for_caching
 from library.errors import UserError
 from library.families import SD1, SDXL
 from library.image_transforms import training_pixels
@@ -110,9 +113,9 @@ def test_hits_and_misses_are_counted(tmp_path, photos, sd1):
 def test_one_changed_byte_reencodes_only_that_entry(tmp_path, photos, sd1):
     paths = write_images(tmp_path / "img", photos, ext=".bmp")  # uncompressed: one byte = one pixel value
     samples = samples_for(paths)
-    cache = lc.LatentCache(sd1.vae, SD1, lc.BESIDE_IMAGES, vae_batch_size=4)
+    cache = lc.LatentCache(sd1.vae, SD1, BESIDE_IMAGES, vae_batch_size=4)
     cache.ensure(lc.with_flips(samples))
-    before = entry_files(tmp_path / "img" / lc.CACHE_FOLDER)
+    before = entry_files(tmp_path / "img" / CACHE_FOLDER)
     assert len(before) == 8
     old = cache.get(samples[1])
 
@@ -122,9 +125,9 @@ def test_one_changed_byte_reencodes_only_that_entry(tmp_path, photos, sd1):
         value = f.read(1)[0]
         f.seek(middle)
         f.write(bytes([value ^ 0xFF]))
-    stats = lc.LatentCache(sd1.vae, SD1, lc.BESIDE_IMAGES, vae_batch_size=4).ensure(lc.with_flips(samples))
+    stats = lc.LatentCache(sd1.vae, SD1, BESIDE_IMAGES, vae_batch_size=4).ensure(lc.with_flips(samples))
     assert (stats.hits, stats.encoded, stats.hashed_files) == (6, 2, 1)  # the image and its flip twin
-    after = entry_files(tmp_path / "img" / lc.CACHE_FOLDER)
+    after = entry_files(tmp_path / "img" / CACHE_FOLDER)
     assert len(after) == 10
     assert all(after[p] == t for p, t in before.items())  # nothing rewritten
     new = cache.get(samples[1])
@@ -266,19 +269,19 @@ def test_processes_share_the_work(tmp_path, photos, sd1):
 def test_cache_flags_and_settings():
     import argparse
 
-    from library.dataset_config import add_dataset_arguments
+    from library.dataset_flags import add_dataset_arguments
 
     parser = argparse.ArgumentParser()
     add_dataset_arguments(parser)  # defines the latent flags already
-    lc.add_cache_arguments(parser)
+    add_cache_arguments(parser)
     args = parser.parse_args(["--cache_latents_to_disk", "--vae_batch_size", "4", "--cache_text_encoder_outputs"])
-    settings = lc.CacheSettings.from_args(args)
+    settings = CacheSettings.from_args(args)
     assert settings.latents and settings.latents_to_disk and settings.vae_batch_size == 4
-    assert settings.latent_location() == lc.BESIDE_IMAGES and settings.text_encoder_location() is None
+    assert settings.latent_location() == BESIDE_IMAGES and settings.text_encoder_location() is None
     args = parser.parse_args(["--cache_latents", "--cache_dir", "somewhere"])
-    assert lc.CacheSettings.from_args(args).latent_location() is None  # memory: --cache_dir only places disk caches
+    assert CacheSettings.from_args(args).latent_location() is None  # memory: --cache_dir only places disk caches
     with pytest.raises(UserError, match="--vae_batch_size"):
-        lc.CacheSettings.from_args(parser.parse_args(["--vae_batch_size", "0"]))
+        CacheSettings.from_args(parser.parse_args(["--vae_batch_size", "0"]))
 
 
 # --- text-encoder output cache ------------------------------------------------------------------------
@@ -333,7 +336,7 @@ def test_sdxl_text_cache_stores_pooled(tmp_path):
 
     models = build_random_models(SDXL, "tiny", seed=0)
     conditioner = TextConditioner(SDXL, load_tokenizers(SDXL), models.text_encoders)
-    cache = tec.TextEncoderOutputCache(conditioner, lc.BESIDE_IMAGES)
+    cache = tec.TextEncoderOutputCache(conditioner, BESIDE_IMAGES)
     image = str(tmp_path / "a.png")
     cache.ensure([tec.TextSample("a red car", image), tec.TextSample("a red car", image)])
     batch = cache.get_batch(["a red car"], [image])
@@ -341,7 +344,7 @@ def test_sdxl_text_cache_stores_pooled(tmp_path):
         direct = conditioner.encode(["a red car"])
     assert batch.context.shape == (1, 77, 64) and batch.pooled.shape == (1, 32)
     torch.testing.assert_close(batch.pooled, direct.pooled, rtol=1e-5, atol=1e-6)
-    assert os.path.isdir(tmp_path / lc.CACHE_FOLDER / tec.TEXT_KIND)
+    assert os.path.isdir(tmp_path / CACHE_FOLDER / tec.TEXT_KIND)
 
 
 def test_text_cache_blockers(tmp_path):
@@ -396,15 +399,16 @@ def test_cache_latents_tool_fills_the_cache_a_run_finds(dreambooth, tiny_checkpo
     # What a training run does: same config, same VAE, looked up through the library.
     import argparse
 
-    from library.dataset_config import add_dataset_arguments, load_dataset_config
+    from library.dataset_config import load_dataset_config
+    from library.dataset_flags import add_dataset_arguments
 
     parser = argparse.ArgumentParser()
     add_dataset_arguments(parser)
     args = parser.parse_args(["--train_data_dir", train, "--flip_aug"] + DATASET_FLAGS)
-    items = lc.collect_cache_items(load_dataset_config(None, args))
-    samples = lc.latent_samples_of(items)
+    items = collect_cache_items(load_dataset_config(None, args))
+    samples = latent_samples_of(items)
     assert len(samples) == 8
-    vae = lc.load_vae_for_caching(model, SD1)
+    vae = load_vae_for_caching(model, SD1)
     cache = lc.LatentCache(vae, SD1, cache_dir)
     cache.release_vae()  # any miss would now raise
     stats = cache.ensure(samples)
@@ -420,7 +424,7 @@ def test_cache_text_encoder_outputs_tool(dreambooth, tiny_checkpoint, capsys):
             "--caption_prefix", "best", "--clip_skip", "2"] + DATASET_FLAGS
     tool.main(argv)
     assert "4 entries, 0 cached, 4 encoded" in capsys.readouterr().out
-    folder = dreambooth / "train" / "2_sks thing" / lc.CACHE_FOLDER / tec.TEXT_KIND
+    folder = dreambooth / "train" / "2_sks thing" / CACHE_FOLDER / tec.TEXT_KIND
     files = [f for _, _, names in os.walk(folder) for f in names]
     assert len(files) == 4
     tool.main(argv)
@@ -450,14 +454,15 @@ def test_prepare_buckets_latents_writes_metadata_and_latents(dreambooth, tiny_ch
     # A fine-tuning run reading OUT_JSON finds every latent.
     import argparse
 
-    from library.dataset_config import add_dataset_arguments, load_dataset_config
+    from library.dataset_config import load_dataset_config
+    from library.dataset_flags import add_dataset_arguments
 
     parser = argparse.ArgumentParser()
     add_dataset_arguments(parser)
     args = parser.parse_args(["--in_json", str(out_json), "--train_data_dir", folder, "--resolution", "128",
                               "--enable_bucket", "--min_bucket_reso", "64", "--max_bucket_reso", "256",
                               "--bucket_reso_steps", "32", "--flip_aug"])
-    samples = lc.latent_samples_of(lc.collect_cache_items(load_dataset_config(None, args)))
-    cache = lc.LatentCache(lc.load_vae_for_caching(model, SD1), SD1, cache_dir)
+    samples = latent_samples_of(collect_cache_items(load_dataset_config(None, args)))
+    cache = lc.LatentCache(load_vae_for_caching(model, SD1), SD1, cache_dir)
     stats = cache.ensure(samples)
     assert (stats.unique, stats.hits, stats.encoded) == (8, 8, 0)

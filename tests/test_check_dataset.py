@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from library import dataset_config
-from library.dataset_scan import add_dataset_check_arguments, run_dataset_check, token_histogram
+from library import dataset_flags
+from library.dataset_check import add_dataset_check_arguments, run_dataset_check
+from library.dataset_report import token_histogram
 from library.errors import UserError
 from tools.check_dataset import main
 
@@ -125,8 +126,8 @@ def test_token_histogram_bins():
 
 def test_trainer_dataset_check_flags(broken_dir, tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    dataset_config.add_dataset_arguments(parser)
-    dataset_config.add_config_arguments(parser)
+    dataset_flags.add_dataset_arguments(parser)
+    dataset_flags.add_config_arguments(parser)
     add_dataset_check_arguments(parser)
     path = tmp_path / "trainer.json"
     args = parser.parse_args(["--train_data_dir", str(broken_dir), *FLAGS, "--dataset_check",

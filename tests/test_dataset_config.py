@@ -8,16 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from library.dataset_config import (
-    CONTROLNET,
-    DREAMBOOTH,
-    FINETUNE,
-    add_config_arguments,
-    add_dataset_arguments,
-    check_bucket_reso_steps,
-    load_dataset_config,
-    parse_dreambooth_folder_name,
-)
+from library.dataset_config import check_bucket_reso_steps, load_dataset_config
+from library.dataset_flags import add_config_arguments, add_dataset_arguments, parse_dreambooth_folder_name
+from library.dataset_schema import CONTROLNET, DREAMBOOTH, FINETUNE
 from library.dataset_sources import (
     ImageEntry,
     balance_reg_entries,

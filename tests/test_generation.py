@@ -188,7 +188,7 @@ def _network_args(files, muls=None, merge=False):
 
 
 def test_lora_multiplier_zero_is_the_base_image_and_two_loras_combine(tmp_path):
-    from library.generation import load_networks
+    from library.gen_loading import load_networks
 
     models, tokenizers = tiny(SD1, seed=1)
     base = latents(GenerationEngine(models, tokenizers, "cpu"), [ImageJob("a cat", "dog", 3)])
@@ -210,7 +210,7 @@ def test_lora_multiplier_zero_is_the_base_image_and_two_loras_combine(tmp_path):
 
 
 def test_lora_merge_matches_dynamic_application(tmp_path):
-    from library.generation import load_networks
+    from library.gen_loading import load_networks
 
     models, tokenizers = tiny(SD1, seed=2)
     file = _make_lora(models, tmp_path / "m.safetensors", 3)
@@ -226,7 +226,7 @@ def test_lora_merge_matches_dynamic_application(tmp_path):
 
 
 def test_lora_of_another_model_is_refused(tmp_path, sd1):
-    from library.generation import load_networks
+    from library.gen_loading import load_networks
 
     real_sd15 = os.path.join(FIXTURES, "lora_sd15_lierla_dim4.safetensors")
     if not os.path.isfile(real_sd15):
@@ -263,7 +263,7 @@ def _save_like_fixture(layout, path, widths, seed=0):
 
 @pytest.mark.parametrize("form", ["sd-scripts", "sd-scripts-pt", "a1111"])
 def test_textual_inversion_changes_only_prompts_with_the_token(tmp_path, form):
-    from library.generation import load_textual_inversion
+    from library.gen_loading import load_textual_inversion
 
     models, tokenizers = tiny(SD1)
     engine = GenerationEngine(models, tokenizers, "cpu")
@@ -291,7 +291,7 @@ def test_textual_inversion_changes_only_prompts_with_the_token(tmp_path, form):
 
 
 def test_textual_inversion_sdxl_and_mismatches(tmp_path):
-    from library.generation import load_textual_inversion
+    from library.gen_loading import load_textual_inversion
 
     models, tokenizers = tiny(SDXL)
     layout = _fixture_layout("ti_sdxl_2vec.keys.json")

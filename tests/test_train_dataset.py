@@ -15,9 +15,10 @@ import torch
 from PIL import Image
 from skimage import data
 
-from library import bucketing, dataset_config
+from library import bucketing, dataset_flags
+from library.dataset_check import add_dataset_check_arguments, scan_from_args
 from library.dataset_config import load_dataset_config
-from library.dataset_scan import add_dataset_check_arguments, scan_dataset, scan_from_args
+from library.dataset_scan import scan_dataset
 from library.errors import UserError
 from library.families import SD1, SDXL
 from library.tokenizer import load_tokenizer
@@ -120,8 +121,8 @@ def tokenizers():
 
 def parse(argv):
     p = argparse.ArgumentParser()
-    dataset_config.add_dataset_arguments(p)
-    dataset_config.add_config_arguments(p)
+    dataset_flags.add_dataset_arguments(p)
+    dataset_flags.add_config_arguments(p)
     add_dataset_check_arguments(p)
     p.add_argument("--train_batch_size", type=int, default=1)
     p.add_argument("--prior_loss_weight", type=float, default=1.0)

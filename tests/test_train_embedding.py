@@ -146,7 +146,7 @@ def test_sd1_embedding_trains_only_new_rows(tiny_checkpoint, photo_dir, tmp_path
     assert trained < before * 0.995, (trained, before)
 
     # our generator loads the file (token = file stem) into a fresh model with the trained rows
-    from library.generation import load_textual_inversion
+    from library.gen_loading import load_textual_inversion
 
     tokenizers = [t for t in _fresh_tokenizers(fresh.family)]
     expand = load_textual_inversion([path], fresh.family, tokenizers, fresh.text_encoders)
@@ -246,6 +246,9 @@ def test_captions_without_the_token_are_named(tiny_checkpoint, photo_dir, tmp_pa
         (folder / f"{name}.txt").write_text("a photo of sks" if i == 0 else f"a photo of {name}", encoding="utf-8")
     with pytest.raises(UserError, match=r"3 caption\(s\) do not contain the token string 'sks'.*chelsea.png"):
         prepare(ti_args(model, str(data), str(tmp_path / "o")))
+    # found before any model loads: a missing model file is not what stops the run
+    with pytest.raises(UserError, match="do not contain the token string"):
+        prepare(ti_args(str(tmp_path / "not-there.safetensors"), str(data), str(tmp_path / "o")))
     # templates replace the captions, so none needs the token
     run, _ = prepare(ti_args(model, str(data), str(tmp_path / "o"), "--use_object_template"))
     assert run.dataset.caption(1, 1, 0) != "a photo of chelsea"

@@ -269,6 +269,24 @@ def test_sdxl_resume_with_fused_adafactor_and_both_text_encoders(tiny_checkpoint
     assert max(float((a[k] - step2[k]).abs().max()) for k in a if k.startswith("text_encoder_2.")) > 0
 
 
+def test_fused_backward_pass_leaves_no_gradients_to_the_loop(tiny_checkpoint, photo_dir, tmp_path, monkeypatch):
+    """Each tensor is stepped inside backward: the loop must not sync (re-allocating every gradient),
+    clip or step again."""
+    from library import trainer
+
+    def must_not_run(*_):
+        raise AssertionError("the loop synced gradients under --fused_backward_pass")
+
+    monkeypatch.setattr(trainer, "_sync_gradients", must_not_run)
+    base = tiny_checkpoint("sd1")
+    run = train("fine_tune", ft_args(base, photo_dir, tmp_path, "--max_train_steps", "2", "--cache_latents",
+                                     "--optimizer_type", "Adafactor", "--optimizer_args", "relative_step=False",
+                                     "scale_parameter=False", "--fused_backward_pass", "--max_grad_norm", "1.0"))
+    assert run.optimizer.steps_in_backward
+    assert all(p.grad is None for p in run.models.unet.parameters())
+    assert max_diff(run.models.unet.state_dict(), component_states(base)["unet"]) > 0
+
+
 def test_sdxl_prior_loss_weight_weights_regularisation_images(tiny_checkpoint, photo_dir, tmp_path):
     """sd-scripts' sdxl_train ignores prior_loss_weight; ours applies it."""
     from library.trainer import micro_step_loss, step_generator

@@ -16,8 +16,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from library.cli import run  # noqa: E402
-from library.dataset_config import add_config_arguments, add_dataset_arguments  # noqa: E402
-from library.latent_cache import add_cache_arguments  # noqa: E402
+from library.dataset_flags import add_config_arguments, add_dataset_arguments  # noqa: E402
+from library.cache_settings import add_cache_arguments  # noqa: E402
 
 DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -64,7 +64,7 @@ def load_config(args, family):
 
 
 def detect_family(args):
-    from library.latent_cache import detect_model_family
+    from library.cache_tools import detect_model_family
 
     return detect_model_family(args.pretrained_model_name_or_path, v2=True if args.v2 else None,
                                sdxl=True if args.sdxl else None)
@@ -74,8 +74,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     import torch
 
-    from library.latent_cache import CacheSettings, LatentCache, collect_cache_items, disk_location, latent_samples_of
-    from library.latent_cache import load_vae_for_caching
+    from library.cache_settings import CacheSettings, disk_location
+    from library.cache_tools import collect_cache_items, latent_samples_of, load_vae_for_caching
+    from library.latent_cache import LatentCache
 
     settings = CacheSettings.from_args(args)
     family = detect_family(args)

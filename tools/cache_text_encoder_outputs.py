@@ -16,8 +16,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from library.cli import run  # noqa: E402
-from library.dataset_config import add_config_arguments, add_dataset_arguments  # noqa: E402
-from library.latent_cache import add_cache_arguments  # noqa: E402
+from library.dataset_flags import add_config_arguments, add_dataset_arguments  # noqa: E402
+from library.cache_settings import add_cache_arguments  # noqa: E402
 from tools.cache_latents import DTYPES, add_model_flags, detect_family, load_config  # noqa: E402
 
 
@@ -43,7 +43,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     import torch
 
-    from library.latent_cache import collect_cache_items, disk_location
+    from library.cache_settings import disk_location
+    from library.cache_tools import collect_cache_items
     from library.model_loading import load_models
     from library.text_encoder_cache import (
         TextEncoderOutputCache, TextSample, check_text_encoder_caching, fixed_caption,

@@ -24,12 +24,12 @@ logger = logging.getLogger("check_dataset")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from library import dataset_config, dataset_scan
+    from library import dataset_check, dataset_flags
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    dataset_config.add_dataset_arguments(p)
-    dataset_config.add_config_arguments(p)
-    dataset_scan.add_dataset_check_arguments(p, standalone=True)
+    dataset_flags.add_dataset_arguments(p)
+    dataset_flags.add_config_arguments(p)
+    dataset_check.add_dataset_check_arguments(p, standalone=True)
     p.add_argument("--conditioning_data_dir", type=str, default=None,
                    help="conditioning images (ControlNet-LLLite, or masks with --masked_loss)")
     p.add_argument("--masked_loss", action="store_true", help="accept ControlNet/mask subsets as --masked_loss does")
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     if ignored:
         logger.warning("ignoring flags that do not describe the dataset: %s", " ".join(ignored))
 
-    from library.dataset_scan import run_dataset_check
+    from library.dataset_check import run_dataset_check
 
     # Accept every dataset kind: the check should describe a config, not reject it for one trainer.
     support = {"support_controlnet": True}
