@@ -13,7 +13,8 @@ DreamBooth folder. For each family, in fresh child processes measured from outsi
   the counter showing 1; peak RSS is the kernel's high-water mark of the training process (wait4),
   and the polled peak PSS of the whole process tree (DataLoader workers included) is shown beside
   it. CPU seconds per step of the training process are sampled from outside as well.
-* bare: the same models loaded with `load_models(dtype=float32)`, the same LoRA
+* bare: the same models held as the trainer holds them (VAE float32, frozen U-Net and text
+  encoders in the file's fp16 with float32 compute, `library/frozen_weights.py`), the same LoRA
   (`networks.lora.create_network` + `apply_to` on the text encoder(s) and U-Net, as the trainer
   does by default), the same SDPA attention, then timed iterations of text-encoder forward +
   `unet(noisy, t, context).sample` + MSE + backward on 32×32 latents: the compute a training step
@@ -292,11 +293,17 @@ def child_bare(family: str, path: str, iters: int) -> dict:
     from library.text_encoding import TextConditioner, training_clip_skip
     from library.tokenizer import load_tokenizers
 
+    from library.frozen_weights import hold_in_half
+
     start = time.perf_counter()
-    models = load_models(path, sdxl=family == "sdxl", dtype=torch.float32)
+    # as the trainer holds them in a float32 run: frozen U-Net and text encoders in the file's dtype
+    frozen = {part: None for part in ("unet", "text_encoder", "text_encoder_2")}
+    models = load_models(path, sdxl=family == "sdxl", dtype=torch.float32, part_dtypes=frozen)
     for module in [models.unet, models.vae, *models.text_encoders]:
         module.requires_grad_(False)
         module.eval()
+    for module in [models.unet, *models.text_encoders]:
+        hold_in_half(module)
     set_attention(models.unet, types.SimpleNamespace(), torch.device("cpu"))
     encoders = models.text_encoders if len(models.text_encoders) > 1 else models.text_encoders[0]
     network = networks.lora.create_network(1.0, 4, 1, models.vae, encoders, models.unet)

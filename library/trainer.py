@@ -187,6 +187,24 @@ def _run_seed(args) -> int:
     return seed
 
 
+def _frozen_parts_in_file_dtype(args, precision, trained_parts: dict) -> list:
+    """Frozen U-Net / text encoders of a float32 run are read in the file's dtype: when that is fp16
+    or bf16, `library.frozen_weights` computes with them in float32 at half the memory, exactly."""
+    if precision.weight_dtype != torch.float32 or getattr(args, "base_weights", None):
+        return []  # mixed precision already holds them in half; merged --base_weights need float32
+    return [part for part in ("unet", "text_encoder", "text_encoder_2") if part not in trained_parts]
+
+
+def _hold_frozen_in_half(models, parts: list, compute_dtype: torch.dtype) -> None:
+    from library.frozen_weights import hold_in_half
+
+    modules = {"unet": models.unet}
+    modules.update({spec.diffusers_subfolder: te for spec, te in zip(models.family.text_encoders, models.text_encoders)})
+    kept = sum(hold_in_half(modules[part], compute_dtype) for part in parts if part in modules)
+    if kept:
+        logger.info("frozen weights kept in the checkpoint's half precision (%.2f GiB), computed in float32", kept / 2**30)
+
+
 def _freeze(module: torch.nn.Module) -> None:
     module.requires_grad_(False)
     module.eval()
@@ -227,7 +245,11 @@ def prepare_run(args, task: Task):
     part_dtypes = {}
     if args.no_half_vae or precision.weight_dtype == torch.float16 and family.is_sdxl:
         part_dtypes["vae"] = torch.float32  # SDXL's VAE overflows in float16
-    part_dtypes.update(task.load_dtypes(precision))
+    trained_parts = task.load_dtypes(precision)
+    part_dtypes.update(trained_parts)
+    frozen_in_file_dtype = _frozen_parts_in_file_dtype(args, precision, trained_parts)
+    for part in frozen_in_file_dtype:
+        part_dtypes[part] = None  # None: the file's own dtype
     models = load_models(
         args.pretrained_model_name_or_path,
         v2=True if getattr(args, "v2", False) else None,
@@ -245,6 +267,7 @@ def prepare_run(args, task: Task):
     tokenizers = load_tokenizers(family, args.pretrained_model_name_or_path, args.tokenizer_cache_dir)
     for module in [models.unet, models.vae, *models.text_encoders]:
         _freeze(module)
+    _hold_frozen_in_half(models, frozen_in_file_dtype, precision.weight_dtype)
     if args.no_half_vae or precision.weight_dtype == torch.float16 and family.is_sdxl:
         models.vae.to(torch.float32)
     models.unet.to(device)

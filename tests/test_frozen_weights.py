@@ -1,0 +1,141 @@
+"""Frozen weights held in the checkpoint's half precision compute exactly like float32 ones."""
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from library import safetensors_io
+
+PHOTOS = ["astronaut", "chelsea", "coffee", "rocket"]
+
+
+@pytest.fixture(scope="module")
+def half_and_full(tmp_path_factory):
+    """The same tiny weights twice: stored in fp16, and stored as the float32 values of those fp16s."""
+    from library.families import get_family
+    from library.model_loading import load_models
+    from library.model_saving import save_models
+    from library.random_models import build_random_models
+
+    root = tmp_path_factory.mktemp("half_models")
+    paths = {}
+    for name in ("sd1", "sdxl"):
+        half = str(root / f"{name}-fp16.safetensors")
+        save_models(build_random_models(get_family(name), "tiny", 3), half, precision=torch.float16)
+        full = str(root / f"{name}-fp32.safetensors")
+        save_models(load_models(half, dtype=torch.float32), full, precision=torch.float32)
+        paths[name] = (half, full)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory):
+    import skimage.data
+
+    root = tmp_path_factory.mktemp("half_data")
+    folder = root / "2_subject"
+    folder.mkdir()
+    for i, name in enumerate(PHOTOS):
+        array = getattr(skimage.data, name)()
+        if array.ndim == 2:
+            array = np.stack([array] * 3, axis=-1)
+        Image.fromarray(array[..., :3]).resize((64 + 64 * (i % 2), 64)).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(f"a photo of sks {name}", encoding="utf-8")
+    return str(root)
+
+
+def common(model, data, out, *extra):
+    return ["--pretrained_model_name_or_path", model, "--train_data_dir", data, "--output_dir", out,
+            "--resolution", "64", "--enable_bucket", "--min_bucket_reso", "64", "--max_bucket_reso", "128",
+            "--bucket_reso_steps", "64", "--train_batch_size", "2", "--caption_extension", ".txt", "--seed", "3",
+            "--max_data_loader_n_workers", "0", "--max_train_steps", "3", "--learning_rate", "1e-2", *extra]
+
+
+def train_lora(argv, sdxl=False):
+    from library.script_parsers import network_parser
+    from library.task_network import NetworkTask
+    from library.train_args import parse_args
+    from library.trainer import train
+
+    # SGD: its steps are proportional to the gradients, so float rounding differences in them stay
+    # rounding-sized (Adam's first steps turn near-zero gradients into full-size ones)
+    argv = [*argv, "--network_module", "networks.lora", "--network_dim", "4", "--output_name", "lora",
+            "--optimizer_type", "SGDNesterov", "--learning_rate", "0.5"]
+    return train(parse_args(network_parser(sdxl=sdxl, description=""), argv), NetworkTask(sdxl=sdxl))
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def test_upcasting_layers_equal_float32_layers():
+    from library.frozen_weights import hold_in_half
+
+    torch.manual_seed(0)
+    full = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.GroupNorm(2, 8), torch.nn.SiLU(),
+                               torch.nn.Conv2d(8, 8, 1, stride=2), torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 5))
+    half = copy.deepcopy(full).half().requires_grad_(False)
+    full = copy.deepcopy(half).float().requires_grad_(False)  # the float32 values of the fp16 weights
+    kept = hold_in_half(half)
+    assert kept == sum(m.weight.numel() * 2 for m in half if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    assert half[0].weight.dtype == torch.float16 and half[1].weight.dtype == torch.float32
+    assert type(half[0]).__name__ == "Conv2d" and type(half[5]).__name__ == "Linear"  # adapters match by name
+    assert half[0].bias.dtype == torch.float32
+    x1 = torch.randn(2, 4, 8, 8, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    y1, y2 = full(x1), half(x2)
+    assert torch.allclose(y1, y2, atol=1e-6, rtol=0)
+    y1.square().sum().backward()
+    y2.square().sum().backward()
+    assert torch.allclose(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_lora_on_an_fp16_file_equals_float32_training(family, half_and_full, photo_dir, tmp_path):
+    half, full = half_and_full[family]
+    sdxl = family == "sdxl"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of sks --w 64 --h 64 --s 2 --d 5\n", encoding="utf-8")
+    run = train_lora(common(half, photo_dir, str(tmp_path / "half"), "--sample_prompts", str(prompts),
+                            "--sample_at_first"), sdxl)
+    linear = run.models.unet.down_blocks[0].resnets[0].conv1
+    assert linear.weight.dtype == torch.float16  # held in the file's precision...
+    assert next(run.models.text_encoders[0].get_input_embeddings().parameters()).dtype == torch.float32
+    train_lora(common(full, photo_dir, str(tmp_path / "full")), sdxl)
+    a = safetensors_io.load_tensors(str(tmp_path / "half" / "lora.safetensors"))
+    b = safetensors_io.load_tensors(str(tmp_path / "full" / "lora.safetensors"))
+    assert max_diff(a, b) <= 1e-5  # ...yet trained as with float32 weights
+    assert max(float(v.abs().max()) for k, v in a.items() if "lora_up" in k) > 0
+    assert len([f for f in os.listdir(tmp_path / "half" / "sample") if f.endswith(".png")]) == 1
+
+
+def test_embedding_on_an_fp16_file_equals_float32_training(half_and_full, photo_dir, tmp_path):
+    from library.task_embedding import EmbeddingTask
+    from library.train_args import parse_args
+    from library.ti_args import ti_parser
+    from library.trainer import train
+
+    half, full = half_and_full["sd1"]
+    extra = ["--token_string", "sks", "--init_word", "photo", "--num_vectors_per_token", "2"]
+    for model, out in ((half, "half"), (full, "full")):
+        argv = common(model, photo_dir, str(tmp_path / out), *extra, "--save_model_as", "safetensors")
+        train(parse_args(ti_parser(sdxl=False, description=""), argv), EmbeddingTask(sdxl=False))
+    a = safetensors_io.load_tensors(str(tmp_path / "half" / "sks.safetensors"))
+    b = safetensors_io.load_tensors(str(tmp_path / "full" / "sks.safetensors"))
+    assert max_diff(a, b) <= 1e-6
+
+
+def test_mixed_precision_and_trained_parts_are_not_held_in_half(half_and_full, photo_dir, tmp_path):
+    from library.frozen_weights import is_held_in_half
+
+    half, _ = half_and_full["sd1"]
+    run = train_lora(common(half, photo_dir, str(tmp_path / "bf16"), "--mixed_precision", "bf16",
+                            "--max_train_steps", "1"))
+    assert not is_held_in_half(run.models.unet)
+    run = train_lora(common(half, photo_dir, str(tmp_path / "f32"), "--max_train_steps", "1"))
+    assert is_held_in_half(run.models.unet) and is_held_in_half(run.models.text_encoders[0])
