@@ -35,49 +35,12 @@ def resolve_dtype(args, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _read_embedding(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: embedding file not found")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            data = load_file(path)
-        else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # safetensors/pickle raise many kinds for a bad file
-        raise UserError(f"{path}: cannot read the embedding ({type(e).__name__}); save it as .safetensors") from None
-    if isinstance(data, dict) and "string_to_param" in data:  # AUTOMATIC1111 format
-        data = data["string_to_param"]
-        data = getattr(data, "_parameters", data)
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: not an embedding file (expected a dict of tensors)")
-    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
-
-
 def embedding_vectors(path: str, family, text_encoders) -> List[torch.Tensor]:
     """The vectors of an embedding file, one (N, width) tensor per text encoder; checked against the model."""
-    data = _read_embedding(path)
-    if family.is_sdxl:
-        if "clip_l" not in data or "clip_g" not in data:
-            raise UserError(f"{path}: not an SDXL embedding (needs clip_l and clip_g tensors, has {sorted(data)}); "
-                            f"use an embedding made for SDXL")
-        vectors = [data["clip_l"], data["clip_g"]]
-    else:
-        if "clip_l" in data or "clip_g" in data:
-            raise UserError(f"{path}: is an SDXL embedding (clip_l/clip_g) but the model is {family.title}")
-        if not data:
-            raise UserError(f"{path}: holds no tensors")
-        vectors = [next(iter(data.values()))]
-    vectors = [v.unsqueeze(0) if v.ndim == 1 else v for v in vectors]
-    for vector, encoder in zip(vectors, text_encoders):
-        width = encoder.get_input_embeddings().weight.shape[1]
-        if vector.ndim != 2 or vector.shape[1] != width:
-            raise UserError(f"{path}: vectors of shape {list(vector.shape)} do not fit this {family.title} model "
-                            f"(its text encoder takes {width}-wide vectors); use an embedding made for this model")
-    if len({v.shape[0] for v in vectors}) > 1:
-        raise UserError(f"{path}: clip_l and clip_g have different vector counts")
-    return vectors
+    from library.embedding_files import load_embedding
+
+    widths = [encoder.get_input_embeddings().weight.shape[1] for encoder in text_encoders]
+    return load_embedding(path, family.is_sdxl, widths, require_all=True)
 
 
 def load_textual_inversion(paths: Sequence[str], family, tokenizers, text_encoders) -> Callable[[str], str]:
