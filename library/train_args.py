@@ -71,6 +71,23 @@ def add_training_arguments(parser: argparse.ArgumentParser, support_dreambooth: 
     g.add_argument("--save_state_on_train_end", action="store_true", help="save the training state at the end")
     g.add_argument("--resume", type=str, default=None, help="resume from a saved state folder")
 
+    # sd-scripts' Hub upload and DeepSpeed flags: accepted so existing configs parse; using them is
+    # refused in parse_args with a line saying what to do instead
+    g = parser.add_argument_group("Hugging Face Hub and DeepSpeed (not supported: sdtrain works offline, with DDP)")
+    for flag in ("--huggingface_repo_id", "--huggingface_repo_type", "--huggingface_path_in_repo",
+                 "--huggingface_token", "--huggingface_repo_visibility"):
+        g.add_argument(flag, type=str, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--save_state_to_huggingface", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--resume_from_huggingface", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--async_upload", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--zero_stage", type=int, default=2, choices=[0, 1, 2, 3], help=argparse.SUPPRESS)
+    for flag in ("--offload_optimizer_device", "--offload_optimizer_nvme_path", "--offload_param_device",
+                 "--offload_param_nvme_path"):
+        g.add_argument(flag, type=str, default=None, help=argparse.SUPPRESS)
+    for flag in ("--zero3_init_flag", "--zero3_save_16bit_model", "--fp16_master_weights_and_gradients"):
+        g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+
     g = parser.add_argument_group("training")
     g.add_argument("--train_batch_size", type=int, default=1, help="batch size per device")
     g.add_argument("--max_token_length", type=int, default=None, choices=[None, 75, 150, 225],
@@ -265,7 +282,21 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None
         for key, value in from_file.items():
             if key not in explicit:  # CLI > TOML
                 setattr(args, key, value)
+    _refuse_unsupported(args)
     return args
+
+
+def _refuse_unsupported(args: argparse.Namespace) -> None:
+    if getattr(args, "huggingface_repo_id", None) or getattr(args, "save_state_to_huggingface", False):
+        raise UserError("--huggingface_repo_id / --save_state_to_huggingface: uploading to the Hugging Face Hub is "
+                        "not supported (sdtrain never goes online); upload the files in --output_dir yourself, "
+                        "e.g. with `huggingface-cli upload`")
+    if getattr(args, "resume_from_huggingface", False):
+        raise UserError("--resume_from_huggingface: states are not downloaded; download the state folder and "
+                        "pass it to --resume")
+    if getattr(args, "deepspeed", False):
+        raise UserError("--deepspeed is not supported; train on several GPUs with `accelerate launch --multi_gpu` "
+                        "(DDP), and save memory with --gradient_checkpointing, --mixed_precision bf16 or 8-bit optimizers")
 
 
 def _explicit_dests(parser: argparse.ArgumentParser, argv: Iterable[str]) -> set:

@@ -86,3 +86,17 @@ def test_save_names_and_pruning(tmp_path):
         (tmp_path / save_policy.epoch_name("lora", e, ".safetensors")).write_text("x")
     policy.prune_after_epoch(6)
     assert sorted(os.listdir(tmp_path)) == ["lora-000004.safetensors", "lora-000006.safetensors"]
+
+
+def test_hub_and_deepspeed_flags_parse_but_using_them_is_refused(parser, tmp_path):
+    """Configs written for sd-scripts carry these keys; only turning them on is an error."""
+    config = tmp_path / "c.toml"
+    config.write_text('huggingface_repo_visibility = "private"\nzero_stage = 2\nasync_upload = true\n', encoding="utf-8")
+    args = parse_args(parser, ["--config_file", str(config), "--output_dir", str(tmp_path)])
+    assert args.zero_stage == 2 and args.async_upload
+    with pytest.raises(UserError, match="--deepspeed is not supported; train on several GPUs with `accelerate launch"):
+        parse_args(parser, ["--deepspeed"])
+    with pytest.raises(UserError, match="uploading to the Hugging Face Hub is not supported"):
+        parse_args(parser, ["--huggingface_repo_id", "me/my-lora"])
+    with pytest.raises(UserError, match="--resume_from_huggingface: states are not downloaded"):
+        parse_args(parser, ["--resume_from_huggingface"])
