@@ -83,19 +83,30 @@ def _flatten_pickle(obj: object, path: str) -> tuple:
     return tensors, extra
 
 
-def read_checkpoint(path: str, dtype=None, select: Optional[Callable[[str], bool]] = None) -> Checkpoint:
+def read_checkpoint(
+    path: str, dtype=None, select: Optional[Callable[[str], bool]] = None, *, zero_copy: Optional[bool] = None
+) -> Checkpoint:
     """Load tensors (optionally only the keys `select` accepts), floating ones converted to `dtype`
-    (a dtype, or a function of the key returning one or None)."""
+    (a dtype, or a function of the key returning one or None).
+
+    zero_copy: None (default) lets tensors that keep their stored dtype be copy-on-write views of a
+    private memory map of the file (safetensors where `safetensors_io.ZERO_COPY_DEFAULT`, zip
+    pickles always, as `torch.load(mmap=True)`); changing them never changes the file, and a file
+    replaced by a rename while they live is not seen. False: every tensor owns its memory and
+    nothing stays tied to the file (for a caller that will overwrite the file in place). True:
+    map safetensors files on any system.
+    """
     _check_exists(path)
     if os.path.isdir(path):
         raise UserError(f"{path}: is a folder; expected a checkpoint file")
     kind = sniff_format(path)
     if kind == "safetensors":
         header = safetensors_io.read_header(path)
-        tensors = safetensors_io.load_tensors(path, dtype=dtype, select=select, header=header)
+        tensors = safetensors_io.load_tensors(path, dtype=dtype, select=select, header=header, zero_copy=zero_copy)
         return Checkpoint(path, tensors, header.metadata, {}, "safetensors")
     if kind in ("zip-pickle", "pickle"):
-        tensors, extra = _flatten_pickle(torch_load_safely(path, mmap=kind == "zip-pickle"), path)
+        mmap = kind == "zip-pickle" and zero_copy is not False
+        tensors, extra = _flatten_pickle(torch_load_safely(path, mmap=mmap), path)
         if select is not None:
             tensors = {k: v for k, v in tensors.items() if select(k)}
         if dtype is not None:

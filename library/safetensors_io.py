@@ -1,15 +1,27 @@
 """Streaming reader and writer for the safetensors format, and atomic file writes.
 
-The reader parses the header itself and reads each tensor straight into its final buffer
-(converting dtype per tensor when asked), so loading a checkpoint costs the bytes of the result and
-nothing more: no memory map that later turns into a second copy, no full-file buffer. It also
-checks the header against the file size, so a truncated download is reported before any tensor
-is read. Files written here are standard safetensors files that the `safetensors` package reads.
+The reader parses the header itself and checks it against the file size, so a truncated download
+is reported before any tensor is read. A tensor that needs no dtype conversion is not read at all:
+it is a zero-copy view of a private, copy-on-write memory map of the file (`zero_copy`, the default
+on POSIX systems), with a storage of its own that covers exactly its bytes. Its pages come from the
+page cache when first touched, and an in-place change (a training step) copies the touched page
+into the process's own memory: the file is never written. Tensors that are converted, or that
+would sit at an address where a fresh tensor would not (see `_FRESH_ALIGNMENT`), are read straight
+into their final buffer, one tensor at a time: no full-file buffer, no second copy. Files written
+here are standard safetensors files that the `safetensors` package reads.
+
+A mapped file stays as it was when loaded if it is *replaced* (a new file renamed over it, as every
+save here and most downloaders do: the mapping keeps the old inode), or deleted. A file overwritten
+*in place* (truncated and rewritten) while a process still holds tensors mapped from it is not
+safe: untouched pages would show the new bytes, or, past a shorter file's end, kill the process
+with SIGBUS. The `safetensors` package's `load_file` and `torch.load(mmap=True)` map files the
+same way. `zero_copy=False` gives tensors that own their memory.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import tempfile
@@ -28,6 +40,19 @@ DTYPES = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
+# Zero-copy loading where it is safe: POSIX keeps a mapped file readable when it is replaced or
+# deleted; Windows would refuse to replace or delete a mapped file (a save over the loaded model).
+ZERO_COPY_DEFAULT = os.name == "posix"
+# The address alignment torch gives a fresh CPU tensor. Some float32 kernels round differently at
+# other alignments (BLAS sgemv, as in a U-Net's time embedding at batch 1, gives last-bit
+# differences at addresses that are not 16-byte aligned), so a mapped float32/float64 tensor must
+# sit where a fresh one would. Half-precision tensors may sit at any element boundary: their CPU
+# kernels load unaligned and compute in float32, and give identical results at every 2-byte offset
+# (tested); integers and booleans are exact whatever the kernel does.
+_FRESH_ALIGNMENT = 64
+_ANY_ELEMENT_ALIGNMENT = (torch.float16, torch.bfloat16) + tuple(
+    dt for dt in DTYPES.values() if not dt.is_floating_point
+)
 
 
 @dataclass(frozen=True)
@@ -96,33 +121,68 @@ def load_tensors(
     dtype=None,
     select: Optional[Callable[[str], bool]] = None,
     header: Optional[SafetensorsHeader] = None,
+    zero_copy: Optional[bool] = None,
 ) -> Dict[str, torch.Tensor]:
-    """Read tensors (all, or those `select` accepts) into fresh CPU tensors.
+    """Read tensors (all, or those `select` accepts) as CPU tensors.
 
     Floating-point tensors are converted to `dtype` when given (a dtype, or a function of the
-    tensor name returning one or None); integer tensors keep theirs.
+    tensor name returning one or None); integer tensors keep theirs. With `zero_copy` (None:
+    `ZERO_COPY_DEFAULT`), a tensor kept in its stored dtype at a suitably aligned offset is a view
+    of a private copy-on-write map of the file (see the module docstring); others are read into
+    fresh tensors. Either way the values are the file's, bit for bit.
     """
     header = header or read_header(path)
+    zero_copy = ZERO_COPY_DEFAULT if zero_copy is None else zero_copy
     names = [k for k in header.tensors if select is None or select(k)]
     names.sort(key=lambda k: header.tensors[k].begin)  # sequential reads
     out = {}
+    mapped = None  # the file's private map, made at the first tensor that can use it
     with open(path, "rb", buffering=0) as f:
         for name in names:
             info = header.tensors[name]
             src_dtype = DTYPES[info.dtype]
-            t = torch.empty(info.shape, dtype=src_dtype)
+            itemsize = src_dtype.itemsize
             nbytes = info.end - info.begin
-            if nbytes != t.numel() * t.element_size():
+            if nbytes != math.prod(info.shape) * itemsize:
                 raise UserError(f"{path}: tensor {name!r} size does not match its shape; the file is damaged")
+            want = dtype(name) if callable(dtype) else dtype
+            convert = want is not None and src_dtype.is_floating_point and want != src_dtype
+            offset = header.data_start + info.begin
+            alignment = itemsize if src_dtype in _ANY_ELEMENT_ALIGNMENT else _FRESH_ALIGNMENT
+            if zero_copy and nbytes and not convert and offset % alignment == 0:
+                if mapped is None:
+                    mapped = _map_private(path, f, header, names)
+                    zero_copy = mapped is not False
+                if mapped is not False:
+                    t = torch.empty(0, dtype=src_dtype)
+                    out[name] = t.set_(mapped[offset:offset + nbytes], 0, info.shape)
+                    continue
+            t = torch.empty(info.shape, dtype=src_dtype)
             if nbytes:
-                f.seek(header.data_start + info.begin)
+                f.seek(offset)
                 if f.readinto(_as_bytes(t)) != nbytes:
                     raise UserError(f"{path}: file is truncated at tensor {name!r}; re-download or re-save it")
-            want = dtype(name) if callable(dtype) else dtype
-            if want is not None and t.is_floating_point() and t.dtype != want:
+            if convert:
                 t = t.to(want)
             out[name] = t
     return out
+
+
+def _map_private(path: str, f, header: SafetensorsHeader, names) -> "torch.UntypedStorage | bool":
+    """A private (MAP_PRIVATE: copy-on-write, never written back) map of the whole file, or False
+    where the file system cannot map it. Pages are read only when touched."""
+    size = os.fstat(f.fileno()).st_size
+    needed = header.data_start + max(header.tensors[k].end for k in names)
+    if size < needed:  # shrank since the header was read: mapped pages past the end would SIGBUS
+        raise UserError(f"{path}: file is truncated ({size} bytes, needs {needed}); re-download or re-save it")
+    try:
+        mapped = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
+        now, ours = os.stat(path), os.fstat(f.fileno())
+    except (RuntimeError, OSError):
+        return False  # e.g. a file system without mmap: read into fresh tensors instead
+    if (now.st_dev, now.st_ino) != (ours.st_dev, ours.st_ino):
+        return False  # replaced since it was opened: read the file the header came from
+    return mapped
 
 
 def _umask() -> int:

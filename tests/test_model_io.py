@@ -33,20 +33,23 @@ def assert_same_weights(a, b):
             assert torch.equal(sa[name][k], sb[name][k]), (name, k)
 
 
-def outputs(models, seed=0):
-    """U-Net, VAE and text-encoder outputs on fixed inputs."""
+def outputs(models, seed=0, dtype=torch.float32, vae=True):
+    """U-Net, VAE (unless `vae` is False) and text-encoder outputs on fixed inputs (`dtype`: the
+    models' float dtype)."""
     g = torch.Generator().manual_seed(seed)
     family = models.family
     ids = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407] + [49407] * 70])
     with torch.no_grad():
         te_out = [te(ids, output_hidden_states=True) for te in models.text_encoders]
         hidden = torch.cat([o.hidden_states[-2] for o in te_out], dim=-1)
-        latents = torch.randn(1, 4, 8, 8, generator=g)
+        latents = torch.randn(1, 4, 8, 8, generator=g).to(dtype)
         kwargs = {}
         if family.is_sdxl:
             pooled = te_out[1].text_embeds
-            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]], dtype=dtype)}
         unet_out = models.unet(latents, torch.tensor([500]), hidden, **kwargs).sample
+        if not vae:
+            return [unet_out] + [o.last_hidden_state for o in te_out]
         image = models.vae.decode(latents).sample
         encoded = models.vae.encode(image).latent_dist.mean
     return [unet_out, image, encoded] + [o.last_hidden_state for o in te_out]
@@ -75,6 +78,67 @@ def test_round_trip_every_format_is_bit_exact(family, fmt, random_models, tmp_pa
     assert_same_weights(models, loaded)
     for a, b in zip(outputs(models), outputs(loaded)):
         assert torch.equal(a, b)
+
+
+def _file_maps(path: str) -> list:
+    """Address ranges of this process's memory maps of `path` (Linux /proc/self/maps)."""
+    real, ranges = os.path.realpath(path), []
+    with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and parts[5].strip() == real:
+                ranges.append(tuple(int(x, 16) for x in parts[0].split("-")))
+    return ranges
+
+
+def _mapped(t: torch.Tensor, ranges: list) -> bool:
+    return any(lo <= t.data_ptr() < hi for lo, hi in ranges)
+
+
+def _shared_storage_parameters(models) -> list:
+    """Parameters that are views or share a storage (what task_full._own_storage gives their own)."""
+    return sorted(
+        f"{label}.{name}"
+        for label, module in component_modules(models)
+        for name, p in module.named_parameters()
+        if p._is_view() or p.untyped_storage().nbytes() > p.numel() * p.element_size()
+    )
+
+
+def component_modules(models):
+    return [("unet", models.unet), ("vae", models.vae)] + [(f"te{i}", te) for i, te in enumerate(models.text_encoders)]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_zero_copy_fp16_load_equals_the_copying_load(family, random_models, tmp_path, monkeypatch):
+    """An fp16 file loaded into an fp16 model maps the file (copy-on-write) instead of copying it:
+    same weights, same views, same outputs as a copying load; training-like in-place changes to the
+    model never reach the file."""
+    path = str(tmp_path / "half.safetensors")
+    save_models(random_models(family), path, precision=torch.float16)
+    with open(path, "rb") as f:
+        before = f.read()
+    mapped = load_models(path, dtype=torch.float16)
+    monkeypatch.setattr(safetensors_io, "ZERO_COPY_DEFAULT", False)
+    copied = load_models(path, dtype=torch.float16)
+    assert_same_weights(mapped, copied)
+    params = [p for _, module in component_modules(mapped) for p in module.parameters()]
+    ranges = _file_maps(path)
+    on_file = sum(p.numel() for p in params if _mapped(p, ranges))
+    assert on_file > 0.99 * sum(p.numel() for p in params)
+    assert not any(_mapped(p, ranges) for _, module in component_modules(copied) for p in module.parameters())
+    assert _shared_storage_parameters(mapped) == _shared_storage_parameters(copied)
+    vae = family == "sd1"  # the same VAE in every family, and slow in fp16 on a CPU (4 s)
+    for a, b in zip(outputs(mapped, dtype=torch.float16, vae=vae), outputs(copied, dtype=torch.float16, vae=vae)):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        for p in params:
+            p.mul_(0.5).add_(1)  # as an optimizer step would
+    with open(path, "rb") as f:
+        assert f.read() == before
+    again = load_models(path, dtype=torch.float16)
+    assert_same_weights(again, copied)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
