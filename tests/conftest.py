@@ -21,6 +21,29 @@ FIXTURES = os.path.join(SHARED, "fixtures")
 
 
 @pytest.fixture(scope="session")
+def write_photos():
+    """write_photos(folder, names, size, caption): scikit-image photos `names` as RGB PNGs in `folder`,
+    photo i resized to size(i) = (w, h), each with a `.txt` caption(name) when caption is given."""
+
+    def write(folder, names, size, caption=None):
+        import numpy as np
+        import skimage.data
+        from PIL import Image
+
+        os.makedirs(folder, exist_ok=True)
+        for i, name in enumerate(names):
+            array = getattr(skimage.data, name)()
+            if array.ndim == 2:
+                array = np.stack([array] * 3, axis=-1)
+            Image.fromarray(np.ascontiguousarray(array[..., :3])).resize(size(i)).save(os.path.join(folder, f"{name}.png"))
+            if caption is not None:
+                with open(os.path.join(folder, f"{name}.txt"), "w", encoding="utf-8") as f:
+                    f.write(caption(name))
+
+    return write
+
+
+@pytest.fixture(scope="session")
 def fixtures_dir():
     if not os.path.isdir(FIXTURES):
         pytest.skip("shared fixtures not found beside the repository")

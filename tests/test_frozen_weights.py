@@ -3,10 +3,8 @@
 import copy
 import os
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from library import safetensors_io
 
@@ -33,18 +31,10 @@ def half_and_full(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def photo_dir(tmp_path_factory):
-    import skimage.data
-
+def photo_dir(tmp_path_factory, write_photos):
     root = tmp_path_factory.mktemp("half_data")
-    folder = root / "2_subject"
-    folder.mkdir()
-    for i, name in enumerate(PHOTOS):
-        array = getattr(skimage.data, name)()
-        if array.ndim == 2:
-            array = np.stack([array] * 3, axis=-1)
-        Image.fromarray(array[..., :3]).resize((64 + 64 * (i % 2), 64)).save(folder / f"{name}.png")
-        (folder / f"{name}.txt").write_text(f"a photo of sks {name}", encoding="utf-8")
+    write_photos(str(root / "2_subject"), PHOTOS, lambda i: (64 + 64 * (i % 2), 64),
+                 lambda name: f"a photo of sks {name}")
     return str(root)
 
 

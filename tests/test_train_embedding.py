@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -19,19 +18,11 @@ TOKEN = "sks"
 
 
 @pytest.fixture(scope="module")
-def photo_dir(tmp_path_factory):
+def photo_dir(tmp_path_factory, write_photos):
     """A DreamBooth folder `4_subject` with four photos whose captions contain the token."""
-    import skimage.data
-
     root = tmp_path_factory.mktemp("data")
-    folder = root / "4_subject"
-    folder.mkdir()
-    for i, name in enumerate(PHOTOS):
-        array = getattr(skimage.data, name)()
-        if array.ndim == 2:
-            array = np.stack([array] * 3, axis=-1)
-        Image.fromarray(array[..., :3]).resize((64 + 32 * (i % 2), 64)).save(folder / f"{name}.png")
-        (folder / f"{name}.txt").write_text(f"a photo of {TOKEN} {name}", encoding="utf-8")
+    write_photos(str(root / "4_subject"), PHOTOS, lambda i: (64 + 32 * (i % 2), 64),
+                 lambda name: f"a photo of {TOKEN} {name}")
     return str(root)
 
 

@@ -2,9 +2,7 @@
 
 import os
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from library import safetensors_io
 from library.errors import UserError
@@ -13,19 +11,10 @@ PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "camera", "immunohistochem
 
 
 @pytest.fixture(scope="module")
-def photo_dir(tmp_path_factory):
+def photo_dir(tmp_path_factory, write_photos):
     """`1_subject`: six captioned photos, two aspect ratios."""
-    import skimage.data
-
     root = tmp_path_factory.mktemp("schedule_data")
-    folder = root / "1_subject"
-    folder.mkdir()
-    for i, name in enumerate(PHOTOS):
-        array = getattr(skimage.data, name)()
-        if array.ndim == 2:
-            array = np.stack([array] * 3, axis=-1)
-        Image.fromarray(array[..., :3]).resize((64 + 64 * (i % 2), 64)).save(folder / f"{name}.png")
-        (folder / f"{name}.txt").write_text(f"a photo of {name}", encoding="utf-8")
+    write_photos(str(root / "1_subject"), PHOTOS, lambda i: (64 + 64 * (i % 2), 64), lambda name: f"a photo of {name}")
     return str(root)
 
 
