@@ -74,6 +74,11 @@ class NetworkTask(Task):
         if not args.output_dir:
             raise UserError("--output_dir is required")
 
+    def frozen_weights_may_stay_half(self, args) -> bool:
+        # our modules only call the base layer; plugins (LyCORIS) also compute with its weight
+        # tensor in its own dtype, so they get float32 base weights
+        return args.network_module.startswith("networks.")
+
     def trains_text_encoder(self, index: int) -> bool:
         return self.train_text_encoder
 

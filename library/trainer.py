@@ -51,6 +51,11 @@ class Task:
         the frozen weights' one: trained parts in their training dtype, so nothing is read twice."""
         return {}
 
+    def frozen_weights_may_stay_half(self, args) -> bool:
+        """Whether frozen layers may keep the file's fp16/bf16 and upcast per op in a float32 run
+        (library/frozen_weights.py): only when nothing computes with their weight directly."""
+        return True
+
     def setup(self, run: "Run") -> None:
         raise NotImplementedError
 
@@ -187,11 +192,13 @@ def _run_seed(args) -> int:
     return seed
 
 
-def _frozen_parts_in_file_dtype(args, precision, trained_parts: dict) -> list:
+def _frozen_parts_in_file_dtype(args, precision, trained_parts: dict, task: Task) -> list:
     """Frozen U-Net / text encoders of a float32 run are read in the file's dtype: when that is fp16
     or bf16, `library.frozen_weights` computes with them in float32 at half the memory, exactly."""
     if precision.weight_dtype != torch.float32 or getattr(args, "base_weights", None):
         return []  # mixed precision already holds them in half; merged --base_weights need float32
+    if not task.frozen_weights_may_stay_half(args):
+        return []
     return [part for part in ("unet", "text_encoder", "text_encoder_2") if part not in trained_parts]
 
 
@@ -247,7 +254,7 @@ def prepare_run(args, task: Task):
         part_dtypes["vae"] = torch.float32  # SDXL's VAE overflows in float16
     trained_parts = task.load_dtypes(precision)
     part_dtypes.update(trained_parts)
-    frozen_in_file_dtype = _frozen_parts_in_file_dtype(args, precision, trained_parts)
+    frozen_in_file_dtype = _frozen_parts_in_file_dtype(args, precision, trained_parts, task)
     for part in frozen_in_file_dtype:
         part_dtypes[part] = None  # None: the file's own dtype
     models = load_models(

@@ -45,7 +45,7 @@ def common(model, data, out, *extra):
             "--max_data_loader_n_workers", "0", "--max_train_steps", "3", "--learning_rate", "1e-2", *extra]
 
 
-def train_lora(argv, sdxl=False):
+def train_lora(argv, sdxl=False, module=("networks.lora",)):
     from library.script_parsers import network_parser
     from library.task_network import NetworkTask
     from library.train_args import parse_args
@@ -53,7 +53,7 @@ def train_lora(argv, sdxl=False):
 
     # SGD: its steps are proportional to the gradients, so float rounding differences in them stay
     # rounding-sized (Adam's first steps turn near-zero gradients into full-size ones)
-    argv = [*argv, "--network_module", "networks.lora", "--network_dim", "4", "--output_name", "lora",
+    argv = [*argv, "--network_module", *module, "--network_dim", "4", "--output_name", "lora",
             "--optimizer_type", "SGDNesterov", "--learning_rate", "0.5"]
     return train(parse_args(network_parser(sdxl=sdxl, description=""), argv), NetworkTask(sdxl=sdxl))
 
@@ -102,6 +102,24 @@ def test_lora_on_an_fp16_file_equals_float32_training(family, half_and_full, pho
     assert max_diff(a, b) <= 1e-5  # ...yet trained as with float32 weights
     assert max(float(v.abs().max()) for k, v in a.items() if "lora_up" in k) > 0
     assert len([f for f in os.listdir(tmp_path / "half" / "sample") if f.endswith(".png")]) == 1
+
+
+@pytest.mark.parametrize("module", [("networks.dylora", "--network_args", "unit=2"), ("networks.lora_fa",),
+                                    ("lycoris.kohya", "--network_args", "algo=lokr")], ids=lambda m: m[0])
+def test_other_network_modules_on_an_fp16_file(module, half_and_full, photo_dir, tmp_path):
+    """Our adapters find the held layers by class name and call their forward: same result as float32.
+    Plugins may compute with the base weight tensor itself (LyCORIS does), so they get float32 ones."""
+    from library.frozen_weights import is_held_in_half
+
+    if module[0] == "lycoris.kohya":
+        pytest.importorskip("lycoris")
+    half, full = half_and_full["sd1"]
+    run = train_lora(common(half, photo_dir, str(tmp_path / "half"), "--max_train_steps", "2"), module=module)
+    assert is_held_in_half(run.models.unet) == module[0].startswith("networks.")
+    train_lora(common(full, photo_dir, str(tmp_path / "full"), "--max_train_steps", "2"), module=module)
+    a = safetensors_io.load_tensors(str(tmp_path / "half" / "lora.safetensors"))
+    b = safetensors_io.load_tensors(str(tmp_path / "full" / "lora.safetensors"))
+    assert len(a) > 10 and max_diff(a, b) <= 1e-5
 
 
 def test_embedding_on_an_fp16_file_equals_float32_training(half_and_full, photo_dir, tmp_path):
