@@ -106,7 +106,7 @@ def add_dataset_arguments(
         help="tag length reaches maximum on N steps (or N*max_train_steps if N<1)")
     add("--alpha_mask", action="store_true", help="use alpha channel as mask for training")
     add("--validation_seed", type=int, default=None,
-        help="seed of the train/validation split (default: a random split)")
+        help="seed of the train/validation split (default: the trainer's --seed; tools/check_dataset.py: random)")
     add("--validation_split", type=float, default=0.0,
         help="fraction of each subset's images held out for validation (0 to 1)")
     add("--dataset_class", type=str, default=None,

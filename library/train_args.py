@@ -55,6 +55,9 @@ def add_modelspec_arguments(parser: argparse.ArgumentParser) -> None:
         g.add_argument(f"--metadata_{name}", type=str, default=None, help=f"modelspec {what}")
 
 
+_UNSUPPORTED = "sd-scripts flag, accepted in configs; not supported (see docs/training-runs.md)"
+
+
 def add_training_arguments(parser: argparse.ArgumentParser, support_dreambooth: bool = True) -> None:
     g = parser.add_argument_group("output and saving")
     g.add_argument("--output_dir", type=str, default=None, help="folder for the trained files")
@@ -71,22 +74,22 @@ def add_training_arguments(parser: argparse.ArgumentParser, support_dreambooth: 
     g.add_argument("--save_state_on_train_end", action="store_true", help="save the training state at the end")
     g.add_argument("--resume", type=str, default=None, help="resume from a saved state folder")
 
-    # sd-scripts' Hub upload and DeepSpeed flags: accepted so existing configs parse; using them is
-    # refused in parse_args with a line saying what to do instead
+    # sd-scripts' Hub upload and DeepSpeed flags: accepted so existing configs parse; turning one on
+    # is refused in parse_args with a line saying what to do instead
     g = parser.add_argument_group("Hugging Face Hub and DeepSpeed (not supported: sdtrain works offline, with DDP)")
     for flag in ("--huggingface_repo_id", "--huggingface_repo_type", "--huggingface_path_in_repo",
                  "--huggingface_token", "--huggingface_repo_visibility"):
-        g.add_argument(flag, type=str, default=None, help=argparse.SUPPRESS)
-    g.add_argument("--save_state_to_huggingface", action="store_true", help=argparse.SUPPRESS)
-    g.add_argument("--resume_from_huggingface", action="store_true", help=argparse.SUPPRESS)
-    g.add_argument("--async_upload", action="store_true", help=argparse.SUPPRESS)
-    g.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
-    g.add_argument("--zero_stage", type=int, default=2, choices=[0, 1, 2, 3], help=argparse.SUPPRESS)
+        g.add_argument(flag, type=str, default=None, help=_UNSUPPORTED)
+    g.add_argument("--save_state_to_huggingface", action="store_true", help=_UNSUPPORTED)
+    g.add_argument("--resume_from_huggingface", action="store_true", help=_UNSUPPORTED)
+    g.add_argument("--async_upload", action="store_true", help=_UNSUPPORTED)
+    g.add_argument("--deepspeed", action="store_true", help=_UNSUPPORTED)
+    g.add_argument("--zero_stage", type=int, default=2, choices=[0, 1, 2, 3], help=_UNSUPPORTED)
     for flag in ("--offload_optimizer_device", "--offload_optimizer_nvme_path", "--offload_param_device",
                  "--offload_param_nvme_path"):
-        g.add_argument(flag, type=str, default=None, help=argparse.SUPPRESS)
+        g.add_argument(flag, type=str, default=None, help=_UNSUPPORTED)
     for flag in ("--zero3_init_flag", "--zero3_save_16bit_model", "--fp16_master_weights_and_gradients"):
-        g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+        g.add_argument(flag, action="store_true", help=_UNSUPPORTED)
 
     g = parser.add_argument_group("training")
     g.add_argument("--train_batch_size", type=int, default=1, help="batch size per device")
