@@ -36,7 +36,7 @@ import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
 from library.bucketing import CropPlan
 from library.cache_keys import FileHasher, cache_key, state_fingerprint
@@ -148,6 +148,7 @@ class LatentCache:
         self.downsamples = len(vae.config.block_out_channels) - 1
         self.stats = CacheStats()  # running totals over all calls
         self._warned_fallback = False
+        self._reload_vae = None  # set by release_vae: brings the VAE back for a later miss
 
     # --- keys and paths ---------------------------------------------------------------------
 
@@ -225,7 +226,13 @@ class LatentCache:
             batches.append(current)
         return batches
 
+    @property
+    def can_encode(self) -> bool:
+        return self.vae is not None or self._reload_vae is not None
+
     def _encode(self, missing: list) -> None:
+        if self.vae is None and self._reload_vae is not None:
+            self.vae = self._reload_vae()
         if self.vae is None:
             raise UserError("latents are not cached and the VAE was released; run the caching step before training")
         batches = self._batches(missing)
@@ -312,13 +319,13 @@ class LatentCache:
         try:
             tensors = read_entry(path, key, LATENT_FORMAT, self._expected(sample))
         except FileNotFoundError:
-            if self.vae is None:
+            if not self.can_encode:
                 raise UserError(f"{sample.path}: its latents are not in the cache ({path}); run the caching step "
                                 f"(tools/cache_latents.py) with the same settings") from None
             self._encode([(key, sample)])
             tensors = read_entry(path, key, LATENT_FORMAT, self._expected(sample))
         except (CorruptEntry, OSError) as e:
-            if self.vae is None:
+            if not self.can_encode:
                 raise UserError(f"{path}: damaged latent cache entry ({e}); delete it and cache again") from None
             logger.warning("%s: damaged latent cache entry (%s); encoding it again", path, e)
             self._encode([(key, sample)])
@@ -336,7 +343,7 @@ class LatentCache:
         try:
             entry = self.load(sample)
         except UserError as e:
-            if self.vae is not None:
+            if self.can_encode:
                 raise
             if not self._warned_fallback:  # once: a damaged cache would otherwise flood the log
                 logger.warning("%s; using pixels for this and any other uncached sample", e)
@@ -351,6 +358,8 @@ class LatentCache:
             return key in self.store.memory
         return check_entry(self.store.path_for(key, sample.path), key, LATENT_FORMAT, self._expected(sample)) is None
 
-    def release_vae(self) -> None:
-        """Drop the reference to the VAE (after `ensure`); later misses then raise a UserError."""
+    def release_vae(self, reload: Optional[Callable[[], Any]] = None) -> None:
+        """Drop the reference to the VAE (after `ensure`). A later miss (a damaged or deleted entry)
+        calls `reload` for a VAE again; without one it raises a UserError."""
         self.vae = None
+        self._reload_vae = reload

@@ -207,6 +207,9 @@ class FullModelTask(Task):
 
     # --- arguments ----------------------------------------------------------------------------
 
+    def needs_vae_after_caching(self, args) -> bool:
+        return True  # every saved checkpoint holds the VAE
+
     def validate_args(self, args) -> None:
         if not args.output_dir:
             raise UserError("--output_dir is required")

@@ -56,6 +56,11 @@ class Task:
         (library/frozen_weights.py): only when nothing computes with their weight directly."""
         return True
 
+    def needs_vae_after_caching(self, args) -> bool:
+        """Whether the VAE must stay loaded once every latent is cached: for sample images, or for
+        a task that saves it."""
+        return bool(args.sample_prompts)
+
     def setup(self, run: "Run") -> None:
         raise NotImplementedError
 
@@ -357,6 +362,8 @@ def _latents(run: Run, batch: dict) -> torch.Tensor:
         latents = batch["latents"].to(run.device)
     else:
         vae = run.models.vae
+        if vae is None:
+            raise UserError("a batch came without cached latents after the VAE was released")
         with torch.no_grad():
             images = batch["images"].to(run.device, dtype=next(vae.parameters()).dtype)
             latents = vae.encode(images).latent_dist.sample()

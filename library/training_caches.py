@@ -3,7 +3,9 @@
 With `--cache_latents` every sample's latents (and mirrored ones with flip_aug) are encoded once
 before the first step, in memory or on disk (`*_to_disk`); with `--cache_text_encoder_outputs` the
 same for each caption. The dataset then reads from the caches instead of decoding images or
-running the text encoders. Encoders that are no longer needed move off the accelerator.
+running the text encoders. Encoders that are no longer needed move off the accelerator; the VAE
+is released altogether when nothing else needs it (no sample images, a task that does not save
+it), and read from the model file again only if a cache entry goes missing later.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def _datasets(run) -> list:
     return [run.dataset] + ([held_out] if held_out is not None else [])
 
 
-def _cache_latents(run, settings: CacheSettings) -> None:
+def _cache_latents(run, task, settings: CacheSettings) -> None:
     vae = run.models.vae
     vae.to(run.device)
     cache = LatentCache(vae, run.family, settings.latent_location(), settings.vae_batch_size,
@@ -39,6 +41,27 @@ def _cache_latents(run, settings: CacheSettings) -> None:
     run.latent_cache = cache
     for dataset in datasets:
         dataset.latent_provider = cache.provide
+    if not task.needs_vae_after_caching(run.args):
+        _release_vae(run, cache)
+
+
+def _release_vae(run, cache: LatentCache) -> None:
+    """Every latent is cached: give the VAE's memory back; a later miss reads it from the file again."""
+    from library.model_loading import load_vae
+
+    vae = run.models.vae
+    dtype = next(vae.parameters()).dtype
+    source = run.args.vae or run.args.pretrained_model_name_or_path
+    family, device = run.family, run.device
+
+    def reload():
+        logger.warning("a latent cache entry is missing: reading the VAE from %s again to encode it", source)
+        again = load_vae(source, family, dtype)
+        again.requires_grad_(False)
+        return again.eval().to(device)
+
+    cache.release_vae(reload)
+    run.models.vae = None
 
 
 def _cache_text(run, task, settings: CacheSettings) -> None:
@@ -66,6 +89,6 @@ def _cache_text(run, task, settings: CacheSettings) -> None:
 def attach_caches(run, task) -> None:
     settings = CacheSettings.from_args(run.args)
     if settings.latents:
-        _cache_latents(run, settings)
+        _cache_latents(run, task, settings)
     if settings.text_encoder_outputs:
         _cache_text(run, task, settings)

@@ -149,3 +149,25 @@ def test_third_party_plugin_lycoris_lokr(tiny_checkpoint, photo_dir, tmp_path):
     assert any(k.startswith("lora_unet_down_blocks_0_attentions_0_proj_in.lokr_") for k in tensors)
     meta = safetensors_io.read_metadata(os.path.join(out, "lora.safetensors"))
     assert meta["ss_network_module"] == "lycoris.kohya"
+
+
+def test_vae_released_after_caching_and_read_again_on_a_miss(tiny_checkpoint, photo_dir, tmp_path):
+    model = tiny_checkpoint("sd1")
+    run = run_training(train_args(model, photo_dir, str(tmp_path / "o"), "--max_train_steps", "2",
+                                  "--cache_latents_to_disk"))
+    assert run.models.vae is None  # nothing samples images and a LoRA file holds no VAE
+    cache = run.latent_cache
+    sample = run.dataset.latent_cache_samples()[0]
+    path = cache.entry_path(sample)
+    before = cache.get(sample).clone()
+    os.remove(path)  # a lost entry: the VAE is read from the checkpoint again and re-encodes it
+    again = cache.get(sample)
+    assert os.path.isfile(path)
+    assert torch.equal(again, before)
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo --w 64 --h 64 --s 2\n", encoding="utf-8")
+    run = run_training(train_args(model, photo_dir, str(tmp_path / "s"), "--max_train_steps", "1", "--cache_latents",
+                                  "--sample_prompts", str(prompts), "--sample_every_n_steps", "1"))
+    assert run.models.vae is not None  # sample images decode with it
+    assert os.listdir(os.path.join(str(tmp_path / "s"), "sample"))
