@@ -13,8 +13,9 @@ DreamBooth folder. For each family, in fresh child processes measured from outsi
   the counter showing 1; peak RSS is the kernel's high-water mark of the training process (wait4),
   and the polled peak PSS of the whole process tree (DataLoader workers included) is shown beside
   it. CPU seconds per step of the training process are sampled from outside as well.
-* bare: the same models held as the trainer holds them (VAE float32, frozen U-Net and text
-  encoders in the file's fp16 with float32 compute, `library/frozen_weights.py`), the same LoRA
+* bare: the same models held as the trainer holds them (frozen U-Net and text encoders in the
+  file's fp16 with float32 compute, `library/frozen_weights.py`; the VAE stays loaded in float32,
+  where the trainer frees it after caching, so the bare peak RSS is not the trainer's), the same LoRA
   (`networks.lora.create_network` + `apply_to` on the text encoder(s) and U-Net, as the trainer
   does by default), the same SDPA attention, then timed iterations of text-encoder forward +
   `unet(noisy, t, context).sample` + MSE + backward on 32×32 latents: the compute a training step
