@@ -232,7 +232,12 @@ class LatentCache:
 
     def _encode(self, missing: list) -> None:
         if self.vae is None and self._reload_vae is not None:
-            self.vae = self._reload_vae()
+            self.vae = self._reload_vae()  # for these entries only: released again below
+            try:
+                self._encode(missing)
+            finally:
+                self.vae = None
+            return
         if self.vae is None:
             raise UserError("latents are not cached and the VAE was released; run the caching step before training")
         batches = self._batches(missing)
@@ -360,6 +365,7 @@ class LatentCache:
 
     def release_vae(self, reload: Optional[Callable[[], Any]] = None) -> None:
         """Drop the reference to the VAE (after `ensure`). A later miss (a damaged or deleted entry)
-        calls `reload` for a VAE again; without one it raises a UserError."""
+        calls `reload` for a VAE to encode it with, and drops that one again; without `reload` a miss
+        raises a UserError."""
         self.vae = None
         self._reload_vae = reload

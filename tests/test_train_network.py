@@ -164,6 +164,7 @@ def test_vae_released_after_caching_and_read_again_on_a_miss(tiny_checkpoint, ph
     again = cache.get(sample)
     assert os.path.isfile(path)
     assert torch.equal(again, before)
+    assert cache.vae is None  # the re-read VAE is dropped again once the entry is written
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo --w 64 --h 64 --s 2\n", encoding="utf-8")
