@@ -147,3 +147,28 @@ def test_mixed_precision_and_trained_parts_are_not_held_in_half(half_and_full, p
     assert not is_held_in_half(run.models.unet)
     run = train_lora(common(half, photo_dir, str(tmp_path / "f32"), "--max_train_steps", "1"))
     assert is_held_in_half(run.models.unet) and is_held_in_half(run.models.text_encoders[0])
+
+
+@pytest.mark.parametrize("side", [4, 8, 16, 32])
+def test_frozen_conv_on_any_map_size_matches_torch_and_leaves_onednn_as_it_was(side):
+    """Small maps take im2col+GEMM, large ones oneDNN: both give the float32 convolution, forward and
+    input gradient, and the process-wide oneDNN switch is back as it was after each op."""
+    from library.frozen_weights import hold_in_half
+
+    torch.manual_seed(0)
+    reference = torch.nn.Conv2d(24, 16, 3, padding=1)
+    frozen = copy.deepcopy(reference).requires_grad_(False)
+    frozen.weight.data = frozen.weight.data.half()
+    reference.weight.data = frozen.weight.data.float()
+    reference.requires_grad_(False)
+    assert hold_in_half(frozen) == frozen.weight.numel() * 2
+    x = torch.randn(2, 24, side, side, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    enabled = torch._C._get_mkldnn_enabled()
+    out, out_ref = frozen(x), reference(x_ref)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    out_ref.backward(grad)
+    assert torch._C._get_mkldnn_enabled() == enabled
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
