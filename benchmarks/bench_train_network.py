@@ -1,7 +1,7 @@
 """Benchmark of LoRA training on CPU: seconds per step against a bare forward+backward, time to the
 first step, and peak memory, for an SD1.5-size and an SDXL-size model.
 
-    python benchmarks/bench_train_network.py [--families sd1,sdxl] [--steps 6] [--profile]
+    python benchmarks/bench_train_network.py [--families sd1,sdxl] [--steps 6] [--first_use] [--profile]
 
 Settings (from the issue): 256 px, batch 1, LoRA dim 4 (alpha 1), cached latents, float32 on CPU,
 seeded random full-size checkpoints (`tools/make_random_model.py --size full --precision fp16`,
@@ -241,20 +241,20 @@ def child_env(threads: int) -> dict:
 # the measurements
 
 
-def training_args(family: str, model: str, data: str, out: str, steps: int) -> list:
+def training_args(family: str, model: str, data: str, out: str, steps: int, extra=()) -> list:
     script = "sdxl_train_network.py" if family == "sdxl" else "train_network.py"
     return [
         os.path.join(REPO, script), "--pretrained_model_name_or_path", model, "--train_data_dir", data,
         "--output_dir", out, "--output_name", "bench", "--resolution", str(RESOLUTION), "--train_batch_size", "1",
         "--caption_extension", ".txt", "--network_module", "networks.lora", "--network_dim", "4",
         "--network_alpha", "1", "--learning_rate", "1e-4", "--seed", "0", "--cache_latents",
-        "--max_train_steps", str(steps), "--mixed_precision", "no",
+        "--max_train_steps", str(steps), "--mixed_precision", "no", *extra,
     ]
 
 
-def measure_training(family: str, model: str, data: str, steps: int, threads: int) -> dict:
+def measure_training(family: str, model: str, data: str, steps: int, threads: int, extra=()) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as out:
-        watched = Watched([sys.executable, *training_args(family, model, data, out, steps)], child_env(threads))
+        watched = Watched([sys.executable, *training_args(family, model, data, out, steps, extra)], child_env(threads))
         result = watched.wait()
         if watched.killed_for_memory:
             raise OutOfMemory(f"[{family}] training stopped after {result['wall']:.0f} s with MemAvailable under "
@@ -457,6 +457,20 @@ def family_rows(family: str, train: dict, bare: dict) -> list:
     ]
 
 
+def first_use_rows(family: str, train: dict) -> list:
+    """The run with --cache_latents_on_first_use: its steps in epoch 1 include encodes, so only the
+    time to the first step and the peak RSS are compared."""
+    ref = REFERENCE[family]
+    first, rss = train["first_step"], train["peak_rss"] / GIB
+    label = {"sd1": "SD1.5", "sdxl": "SDXL"}[family] + " with --cache_latents_on_first_use"
+    return [
+        [f"{label}: launch to first finished step, s", f"{first:.1f}", f"{ref['first']:.0f}",
+         f"{first / ref['first']:.2f}x", f"<= {FIRST_FACTOR}x", verdict(first <= FIRST_FACTOR * ref["first"])],
+        [f"{label}: peak RSS of the trainer, GiB", f"{rss:.2f}", f"{ref['rss']:.1f}", f"{rss / ref['rss']:.2f}x",
+         f"<= {RSS_FACTOR}x", verdict(rss <= RSS_FACTOR * ref["rss"])],
+    ]
+
+
 def render(rows: list) -> str:
     head = ["measure", "sdtrain", "established trainer", "ratio", "target", "verdict"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -489,6 +503,8 @@ def parse_args(argv=None):
                    help="where generated checkpoints and photos are kept between runs")
     p.add_argument("--skip_generate", action="store_true", help="skip a family whose checkpoint is not cached")
     p.add_argument("--force", action="store_true", help="run a family even when MemAvailable looks too small")
+    p.add_argument("--first_use", action="store_true",
+                   help="also time a run with --cache_latents_on_first_use (first step and peak RSS)")
     p.add_argument("--profile", action="store_true",
                    help="also profile a 3-step training; report in CACHE_DIR/profile-train-FAMILY.txt")
     # internal: one measurement in a fresh process
@@ -541,6 +557,14 @@ def main(argv=None) -> None:
         rows += family_rows(family, train, bare)
         notes.append(details(family, train, bare))
         print(notes[-1], flush=True)
+        if args.first_use:
+            print(f"[{family}] training {args.steps} steps with --cache_latents_on_first_use...", flush=True)
+            lazy = measure_training(family, model, data, args.steps, args.threads, ("--cache_latents_on_first_use",))
+            rows += first_use_rows(family, lazy)
+            notes.append(f"[{family}] --cache_latents_on_first_use: first step at {lazy['first_step']:.1f} s "
+                         f"(loop start {lazy['loop_start']:.1f} s); step gaps "
+                         + ", ".join(f"{g:.2f}" for g in lazy["step_gaps"]) + " s (epoch 1: they include encodes)")
+            print(notes[-1], flush=True)
         if args.profile:
             report = os.path.join(args.cache_dir, f"profile-train-{family}.txt")
             print(f"[{family}] profiling a 3-step run -> {report}", flush=True)

@@ -152,10 +152,12 @@ def _tensor_bytes(tensor, sample: Optional[int]) -> bytes:
     return flat.view(torch.uint8).numpy().tobytes()
 
 
-def state_fingerprint(module, prefixes: Optional[tuple] = None, sample: Optional[int] = None) -> str:
+def state_fingerprint(module, prefixes: Optional[tuple] = None, sample: Optional[int] = None, dtype=None) -> str:
     """sha256 over (name, dtype, shape, bytes) of a module's state dict, optionally only some prefixes.
 
     sample=None hashes every byte; an int hashes that many evenly spaced elements of each tensor.
+    dtype: hash floating tensors as if cast to it (a module whose weights are held in half precision
+    and one read in float32 from the same file compute alike, so they fingerprint alike).
     """
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
@@ -163,6 +165,8 @@ def state_fingerprint(module, prefixes: Optional[tuple] = None, sample: Optional
             continue
         if tensor.device.type == "meta":
             raise ValueError(f"{name} is on the meta device; a cache needs real weights")
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
         digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
         digest.update(_tensor_bytes(tensor, sample))
     return digest.hexdigest()

@@ -1,7 +1,8 @@
 """Cache flags: sd-scripts' caching options plus `--cache_dir`, and the settings they resolve to.
 
 `add_cache_arguments` adds the flags to a trainer's or cache tool's parser; `CacheSettings.from_args`
-resolves them (`*_to_disk` implies caching) and says where each cache lives. Only the standard
+resolves them (`*_to_disk` and `--cache_latents_on_first_use` imply caching) and says where each
+cache lives. Only the standard
 library is imported here, so parsers that add these flags stay instant.
 """
 
@@ -22,13 +23,19 @@ def _add_once(parser: argparse.ArgumentParser, group, flag: str, **kwargs) -> No
         group.add_argument(flag, **kwargs)
 
 
-def add_cache_arguments(parser: argparse.ArgumentParser, support_text_encoder_caching: bool = True) -> None:
-    """sd-scripts' caching flags plus `--cache_dir`; flags already on `parser` are left alone."""
+def add_cache_arguments(parser: argparse.ArgumentParser, support_text_encoder_caching: bool = True,
+                        trainer: bool = True) -> None:
+    """sd-scripts' caching flags plus `--cache_dir` (and, for trainers, `--cache_latents_on_first_use`);
+    flags already on `parser` are left alone."""
     g = parser.add_argument_group("caching")
     _add_once(parser, g, "--cache_latents", action="store_true",
               help="encode every image once and keep the latents in memory (no color_aug/random_crop)")
     _add_once(parser, g, "--cache_latents_to_disk", action="store_true",
               help="cache latents on disk, reused by later runs (implies --cache_latents)")
+    if trainer:
+        _add_once(parser, g, "--cache_latents_on_first_use", action="store_true",
+                  help="fill the latent cache during the first epoch, as batches first need each image, "
+                  "instead of before the first step (implies --cache_latents); the VAE stays loaded until then")
     _add_once(parser, g, "--vae_batch_size", type=int, default=1, help="images per VAE call when caching latents")
     _add_once(parser, g, "--skip_cache_check", action="store_true",
               help="trust existing disk cache entries without opening them (damaged ones are still "
@@ -53,6 +60,7 @@ class CacheSettings:
     vae_batch_size: int = 1
     skip_check: bool = False
     cache_dir: Optional[str] = None
+    latents_on_first_use: bool = False
 
     @classmethod
     def from_args(cls, args) -> "CacheSettings":
@@ -62,14 +70,16 @@ class CacheSettings:
             raise UserError(f"--vae_batch_size {batch}: must be at least 1")
         to_disk = bool(getattr(args, "cache_latents_to_disk", False))
         te_to_disk = bool(getattr(args, "cache_text_encoder_outputs_to_disk", False))
+        on_first_use = bool(getattr(args, "cache_latents_on_first_use", False))
         return cls(
-            latents=to_disk or bool(getattr(args, "cache_latents", False)),
+            latents=to_disk or on_first_use or bool(getattr(args, "cache_latents", False)),
             latents_to_disk=to_disk,
             text_encoder_outputs=te_to_disk or bool(getattr(args, "cache_text_encoder_outputs", False)),
             text_encoder_outputs_to_disk=te_to_disk,
             vae_batch_size=batch,
             skip_check=bool(getattr(args, "skip_cache_check", False)),
             cache_dir=getattr(args, "cache_dir", None),
+            latents_on_first_use=on_first_use,
         )
 
     def latent_location(self) -> Optional[str]:

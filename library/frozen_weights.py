@@ -170,3 +170,18 @@ def hold_in_half(module: torch.nn.Module, compute_dtype: torch.dtype = torch.flo
 
 def is_held_in_half(module: torch.nn.Module) -> bool:
     return any(isinstance(m, (Linear, Conv2d)) and m.weight.dtype in HALF for m in module.modules())
+
+
+def uses_frozen_layers(module: torch.nn.Module) -> bool:
+    """Whether `hold_in_half` swapped any layer of `module` (half-held or float32 convolutions)."""
+    return any(isinstance(m, (Linear, Conv2d)) for m in module.modules())
+
+
+def compute_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype `module` computes in: its parameters' dtype, leaving out the weights held in half
+    precision (inputs must come in this dtype; `next(module.parameters()).dtype` would say fp16)."""
+    held = {id(m.weight) for m in module.modules() if isinstance(m, (Linear, Conv2d)) and m.weight.dtype in HALF}
+    for p in module.parameters():
+        if p.is_floating_point() and id(p) not in held:
+            return p.dtype
+    return torch.float32 if held else next(module.parameters()).dtype

@@ -282,15 +282,17 @@ class GenerationEngine:
         """Latents (scaled, as the U-Net sees them) → PIL images."""
         from PIL import Image
 
+        from library.frozen_weights import compute_dtype
+
         vae = self.models.vae
-        weight = next(vae.parameters())
+        device, dtype = next(vae.parameters()).device, compute_dtype(vae)
         count = latents.shape[0]
         per_call = self.vae_batch_size or count
         per_call = max(1, int(count * per_call) if per_call < 1 else int(per_call))
         images = []
         with torch.no_grad():
             for chunk in latents.split(per_call):
-                pixels = vae.decode(chunk.to(weight.device, weight.dtype) / vae.config.scaling_factor).sample
+                pixels = vae.decode(chunk.to(device, dtype) / vae.config.scaling_factor).sample
                 pixels = (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
                 images += [Image.fromarray((p * 255).round().astype("uint8")) for p in pixels]
         return images

@@ -65,8 +65,11 @@ PIXEL_PIPELINE_VERSION = 1
 
 
 def vae_identity(vae) -> str:
-    """Everything about a VAE that changes its latents: encoder weights (all bytes) and dtype, tiling."""
-    weights = state_fingerprint(vae, prefixes=("encoder.", "quant_conv."))
+    """Everything about a VAE that changes its latents: encoder weights (all bytes) and compute dtype,
+    tiling."""
+    from library.frozen_weights import compute_dtype
+
+    weights = state_fingerprint(vae, prefixes=("encoder.", "quant_conv."), dtype=compute_dtype(vae))
     tiling = bool(getattr(vae, "use_tiling", False))
     return hashlib.sha256(f"{type(vae).__name__}|{weights}|tiling={tiling}".encode()).hexdigest()
 
@@ -275,8 +278,10 @@ class LatentCache:
             image, mask = futures[(s.path, s.plan, s.alpha_mask)].result()
             pixels.append(image.flip(-1) if s.flip else image)
             masks.append(None if mask is None else (mask.flip(-1) if s.flip else mask))
-        parameter = next(self.vae.parameters())
-        images = torch.stack(pixels).to(parameter.device, parameter.dtype)
+        from library.frozen_weights import compute_dtype
+
+        device = next(self.vae.parameters()).device
+        images = torch.stack(pixels).to(device, compute_dtype(self.vae))
         if images.device.type == "cpu":
             # oneDNN's convolutions run a channels-last image about 12 % faster (SD VAE, 256 px, 2 threads)
             images = images.contiguous(memory_format=torch.channels_last)
@@ -321,7 +326,7 @@ class LatentCache:
         key = self.key(sample)
         if self.store.in_memory:
             if key not in self.store.memory:
-                self._encode([(key, sample)])
+                self._encode_one(key, sample)
             latents, mask = self.store.memory[key]
             return LatentEntry(latents, None if mask is None else mask.float() / 255)
         path = self.store.path_for(key, sample.path)
@@ -331,16 +336,21 @@ class LatentCache:
             if not self.can_encode:
                 raise UserError(f"{sample.path}: its latents are not in the cache ({path}); run the caching step "
                                 f"(tools/cache_latents.py) with the same settings") from None
-            self._encode([(key, sample)])
+            self._encode_one(key, sample)
             tensors = read_entry(path, key, LATENT_FORMAT, self._expected(sample))
         except (CorruptEntry, OSError) as e:
             if not self.can_encode:
                 raise UserError(f"{path}: damaged latent cache entry ({e}); delete it and cache again") from None
             logger.warning("%s: damaged latent cache entry (%s); encoding it again", path, e)
-            self._encode([(key, sample)])
+            self._encode_one(key, sample)
             tensors = read_entry(path, key, LATENT_FORMAT, self._expected(sample))
         mask = tensors.get("alpha_mask")
         return LatentEntry(tensors["latents"], None if mask is None else mask.float() / 255)
+
+    def _encode_one(self, key: str, sample: LatentSample) -> None:
+        """A miss met while reading: encode that entry now (counted in the running `stats`)."""
+        self._encode([(key, sample)])
+        self.stats.encoded += 1
 
     def get(self, sample):
         """Unscaled latents (C, h, w) of one sample."""

@@ -183,6 +183,7 @@ def _checkpoint_text_encoder(encoder) -> None:
 
 class FullModelTask(Task):
     name = "full model"
+    saves_vae = True  # every saved checkpoint holds the VAE
 
     def __init__(self, script: str):
         if script not in SCRIPTS:
@@ -206,9 +207,6 @@ class FullModelTask(Task):
         return format_extension(self.format)
 
     # --- arguments ----------------------------------------------------------------------------
-
-    def needs_vae_after_caching(self, args) -> bool:
-        return True  # every saved checkpoint holds the VAE
 
     def validate_args(self, args) -> None:
         if not args.output_dir:

@@ -286,6 +286,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None
             if key not in explicit:  # CLI > TOML
                 setattr(args, key, value)
     _refuse_unsupported(args)
+    if getattr(args, "cache_latents_on_first_use", False) and not args.cache_latents_to_disk:
+        args.cache_latents = True  # it only changes when the cache is filled
     return args
 
 

@@ -39,6 +39,7 @@ class Task:
     name = "task"
     sdxl: Optional[bool] = None  # True for sdxl_* scripts, False for SD1/SD2 scripts
     artifact_ext = ".safetensors"
+    saves_vae = False  # whether the files it writes hold the VAE
 
     def validate_args(self, args) -> None:
         pass
@@ -59,7 +60,7 @@ class Task:
     def needs_vae_after_caching(self, args) -> bool:
         """Whether the VAE must stay loaded once every latent is cached: for sample images, or for
         a task that saves it."""
-        return bool(args.sample_prompts)
+        return self.saves_vae or bool(args.sample_prompts)
 
     def setup(self, run: "Run") -> None:
         raise NotImplementedError
@@ -198,19 +199,21 @@ def _run_seed(args) -> int:
 
 
 def _frozen_parts_in_file_dtype(args, precision, trained_parts: dict, task: Task) -> list:
-    """Frozen U-Net / text encoders of a float32 run are read in the file's dtype: when that is fp16
-    or bf16, `library.frozen_weights` computes with them in float32 at half the memory, exactly."""
+    """Frozen U-Net / text encoders / VAE of a float32 run are read in the file's dtype: when that is
+    fp16 or bf16, `library.frozen_weights` computes with them in float32 at half the memory, exactly."""
     if precision.weight_dtype != torch.float32 or getattr(args, "base_weights", None):
         return []  # mixed precision already holds them in half; merged --base_weights need float32
+    # the VAE only encodes (and decodes samples) unless the task saves it
+    vae = [] if task.saves_vae or args.no_half_vae else ["vae"]
     if not task.frozen_weights_may_stay_half(args):
-        return []
-    return [part for part in ("unet", "text_encoder", "text_encoder_2") if part not in trained_parts]
+        return vae
+    return [part for part in ("unet", "text_encoder", "text_encoder_2") if part not in trained_parts] + vae
 
 
 def _hold_frozen_in_half(models, parts: list, compute_dtype: torch.dtype) -> None:
     from library.frozen_weights import hold_in_half
 
-    modules = {"unet": models.unet}
+    modules = {"unet": models.unet, "vae": models.vae}
     modules.update({spec.diffusers_subfolder: te for spec, te in zip(models.family.text_encoders, models.text_encoders)})
     kept = sum(hold_in_half(modules[part], compute_dtype) for part in parts if part in modules)
     if kept:
@@ -358,6 +361,8 @@ def _compile_unet(run: Run) -> None:
 
 
 def _latents(run: Run, batch: dict) -> torch.Tensor:
+    from library.frozen_weights import compute_dtype
+
     if "latents" in batch:
         latents = batch["latents"].to(run.device)
     else:
@@ -365,7 +370,7 @@ def _latents(run: Run, batch: dict) -> torch.Tensor:
         if vae is None:
             raise UserError("a batch came without cached latents after the VAE was released")
         with torch.no_grad():
-            images = batch["images"].to(run.device, dtype=next(vae.parameters()).dtype)
+            images = batch["images"].to(run.device, dtype=compute_dtype(vae))
             latents = vae.encode(images).latent_dist.sample()
     return (latents * run.family.latent_scale).to(run.precision.weight_dtype)
 
@@ -475,8 +480,10 @@ class _EpochJobs(torch.utils.data.Dataset):
 
 
 def _loader(run: Run, jobs: _EpochJobs):
+    from library.training_caches import latents_pending
+
     workers = min(run.args.max_data_loader_n_workers or 0, os.cpu_count() or 1)
-    if workers == 0:
+    if workers == 0 or latents_pending(run):  # latents encoded now must land in this process's cache
         return (jobs[i] for i in range(len(jobs)))
     return torch.utils.data.DataLoader(jobs, batch_size=None, shuffle=False, num_workers=workers,
                                        collate_fn=lambda item: item, prefetch_factor=2)
@@ -622,6 +629,7 @@ def train(args, task: Task):
     from library.optimizers import optimizer_eval_mode, optimizer_train_mode
     from library.save_policy import SavePolicy
     from library.train_logging import TrainLogger
+    from library.training_caches import finish_latent_cache
     from library.validation import Validator
 
     run = prepare_run(args, task)
@@ -685,6 +693,7 @@ def train(args, task: Task):
                 tracker.validation("step", step, validator.loss())
         if step % per_epoch == 0:
             finished = step // per_epoch
+            finish_latent_cache(run, task)
             if validator is not None and validator.epoch_due(finished):
                 tracker.validation("epoch", finished, validator.loss())
             tracker.epoch_end(finished)

@@ -1,7 +1,8 @@
 """Connect the latent and text-encoder-output caches to a training run.
 
 With `--cache_latents` every sample's latents (and mirrored ones with flip_aug) are encoded once
-before the first step, in memory or on disk (`*_to_disk`); with `--cache_text_encoder_outputs` the
+before the first step, in memory or on disk (`*_to_disk`), or with `--cache_latents_on_first_use`
+as the first epoch's batches need them (the rest right after that epoch); with `--cache_text_encoder_outputs` the
 same for each caption. The dataset then reads from the caches instead of decoding images or
 running the text encoders. Encoders that are no longer needed move off the accelerator; the VAE
 is released altogether when nothing else needs it (no sample images, a task that does not save
@@ -32,32 +33,61 @@ def _cache_latents(run, task, settings: CacheSettings) -> None:
     vae.to(run.device)
     cache = LatentCache(vae, run.family, settings.latent_location(), settings.vae_batch_size,
                         skip_check=settings.skip_check)
-    datasets = _datasets(run)
-    samples = [sample for dataset in datasets for sample in dataset.latent_cache_samples()]
+    run.latent_cache = cache
+    for dataset in _datasets(run):
+        dataset.latent_provider = cache.provide
+    if settings.latents_on_first_use:
+        # batches encode their own misses (`LatentCache.provide`) in the main process, where the
+        # entries must land; `finish_latent_cache` completes the cache after the first epoch
+        run.extra["latents_pending"] = True
+        logger.info("latent cache: filled as batches first need each image (--cache_latents_on_first_use)")
+        return
+    _fill_latent_cache(run, task)
+
+
+def _fill_latent_cache(run, task) -> None:
+    """Encode every latent not cached yet; then the VAE leaves the accelerator, or memory altogether."""
+    cache = run.latent_cache
+    samples = [sample for dataset in _datasets(run) for sample in dataset.latent_cache_samples()]
     stats = cache.ensure(samples, process_index=run.accelerator.process_index, num_processes=run.num_processes)
     run.accelerator.wait_for_everyone()
     logger.info("latent cache: %s", stats)
-    vae.to("cpu")  # kept for the rare miss (a damaged entry is re-encoded), off the accelerator
-    run.latent_cache = cache
-    for dataset in datasets:
-        dataset.latent_provider = cache.provide
+    run.models.vae.to("cpu")  # kept for the rare miss (a damaged entry is re-encoded), off the accelerator
     if not task.needs_vae_after_caching(run.args):
         _release_vae(run, cache)
 
 
+def latents_pending(run) -> bool:
+    """Whether batches may still encode latents (--cache_latents_on_first_use before its first
+    epoch ends): then they must be loaded in the main process."""
+    return bool(run.extra.get("latents_pending"))
+
+
+def finish_latent_cache(run, task) -> None:
+    """After the first epoch of --cache_latents_on_first_use: encode what no batch asked for (the
+    flipped twins, samples other processes drew) and let the VAE go as after up-front caching."""
+    if latents_pending(run):
+        run.extra["latents_pending"] = False
+        _fill_latent_cache(run, task)
+
+
 def _release_vae(run, cache: LatentCache) -> None:
     """Every latent is cached: give the VAE's memory back; a later miss reads it from the file again."""
+    from library.frozen_weights import compute_dtype, hold_in_half, uses_frozen_layers
     from library.model_loading import load_vae
 
     vae = run.models.vae
-    dtype = next(vae.parameters()).dtype
+    dtype = compute_dtype(vae)
+    held = uses_frozen_layers(vae)  # then read it in the file's dtype and hold it alike
     source = run.args.vae or run.args.pretrained_model_name_or_path
     family, device = run.family, run.device
 
     def reload():
         logger.warning("a latent cache entry is missing: reading the VAE from %s again to encode it", source)
-        again = load_vae(source, family, dtype)
+        again = load_vae(source, family, None if held else dtype)
         again.requires_grad_(False)
+        if held:
+            hold_in_half(again, dtype)
         return again.eval().to(device)
 
     cache.release_vae(reload)

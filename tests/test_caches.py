@@ -242,6 +242,38 @@ def test_vae_identity_covers_the_encoder_only(tmp_path, photos, sd1):
     assert (stats.hits, stats.encoded) == (0, 2)
 
 
+def test_a_vae_held_in_half_encodes_like_a_float32_one(tmp_path, photos, sd1):
+    """A float32 run keeps an fp16 file's VAE weights in fp16 and computes in float32: same latents,
+    same cache keys as the VAE read in float32 from the same file."""
+    from library.frozen_weights import compute_dtype, hold_in_half, is_held_in_half
+
+    paths = write_images(tmp_path / "img", dict(list(photos.items())[:2]))
+    samples = samples_for(paths)
+    as_fp32 = copy.deepcopy(sd1.vae).half().float()  # what reading an fp16 file in float32 gives
+    held = copy.deepcopy(sd1.vae).half()
+    held.requires_grad_(False)
+    hold_in_half(held)
+    assert is_held_in_half(held) and compute_dtype(held) == torch.float32
+    assert held.encoder.conv_in.weight.dtype == torch.float16
+
+    reference = lc.LatentCache(as_fp32, SD1, str(tmp_path / "cache"))
+    reference.ensure(samples)
+    cache = lc.LatentCache(held, SD1, str(tmp_path / "cache"))
+    assert cache.vae_id == reference.vae_id
+    assert cache.ensure(samples).hits == 2  # the float32 VAE's entries serve the half-held one
+
+    fresh = lc.LatentCache(held, SD1)  # in memory: encoded by the half-held VAE itself
+    fresh.ensure(samples)
+    same_path = copy.deepcopy(as_fp32)  # float32 convolutions swapped too: the same CPU conv paths
+    same_path.requires_grad_(False)
+    hold_in_half(same_path)
+    exact = lc.LatentCache(same_path, SD1)
+    exact.ensure(samples)
+    for sample in samples:
+        assert torch.equal(fresh.get(sample), exact.get(sample))
+        torch.testing.assert_close(fresh.get(sample), reference.get(sample), rtol=1e-4, atol=1e-5)
+
+
 def test_alpha_masks_are_stored_with_the_latents(tmp_path, photos, sd1):
     rgb = photos["coffee"]
     alpha = np.tile(np.linspace(0, 255, rgb.shape[1]).astype(np.uint8), (rgb.shape[0], 1))

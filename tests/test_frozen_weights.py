@@ -87,6 +87,8 @@ def test_upcasting_layers_equal_float32_layers():
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_lora_on_an_fp16_file_equals_float32_training(family, half_and_full, photo_dir, tmp_path):
+    from library.frozen_weights import compute_dtype, is_held_in_half
+
     half, full = half_and_full[family]
     sdxl = family == "sdxl"
     prompts = tmp_path / "prompts.txt"
@@ -96,6 +98,8 @@ def test_lora_on_an_fp16_file_equals_float32_training(family, half_and_full, pho
     linear = run.models.unet.down_blocks[0].resnets[0].conv1
     assert linear.weight.dtype == torch.float16  # held in the file's precision...
     assert next(run.models.text_encoders[0].get_input_embeddings().parameters()).dtype == torch.float32
+    assert is_held_in_half(run.models.vae)  # it encodes every step and decodes the sample image
+    assert compute_dtype(run.models.vae) == torch.float32
     train_lora(common(full, photo_dir, str(tmp_path / "full")), sdxl)
     a = safetensors_io.load_tensors(str(tmp_path / "half" / "lora.safetensors"))
     b = safetensors_io.load_tensors(str(tmp_path / "full" / "lora.safetensors"))
@@ -144,7 +148,7 @@ def test_mixed_precision_and_trained_parts_are_not_held_in_half(half_and_full, p
     half, _ = half_and_full["sd1"]
     run = train_lora(common(half, photo_dir, str(tmp_path / "bf16"), "--mixed_precision", "bf16",
                             "--max_train_steps", "1"))
-    assert not is_held_in_half(run.models.unet)
+    assert not is_held_in_half(run.models.unet) and not is_held_in_half(run.models.vae)
     run = train_lora(common(half, photo_dir, str(tmp_path / "f32"), "--max_train_steps", "1"))
     assert is_held_in_half(run.models.unet) and is_held_in_half(run.models.text_encoders[0])
 

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 from library import safetensors_io
+from library.cache_store import CACHE_FOLDER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "camera", "immunohistochemistry"]
@@ -149,6 +151,44 @@ def test_third_party_plugin_lycoris_lokr(tiny_checkpoint, photo_dir, tmp_path):
     assert any(k.startswith("lora_unet_down_blocks_0_attentions_0_proj_in.lokr_") for k in tensors)
     meta = safetensors_io.read_metadata(os.path.join(out, "lora.safetensors"))
     assert meta["ss_network_module"] == "lycoris.kohya"
+
+
+def test_latents_cached_on_first_use_train_like_latents_cached_before(tiny_checkpoint, photo_dir, tmp_path):
+    """--cache_latents_on_first_use: the first step comes before most images are encoded; the cache
+    fills as batches need them (in the main process, also with loader workers), is completed after the
+    first epoch (flipped twins included), and the run trains exactly as with the cache filled first."""
+    model = tiny_checkpoint("sd1")
+    data = str(tmp_path / "data")  # a copy: other tests leave disk caches in photo_dir
+    shutil.copytree(photo_dir, data, ignore=shutil.ignore_patterns(CACHE_FOLDER))
+    photo_dir = data
+    common = ("--flip_aug", "--max_data_loader_n_workers", "2", "--optimizer_type", "SGDNesterov")
+    eager = run_training(train_args(model, photo_dir, str(tmp_path / "eager"), "--max_train_steps", "1",
+                                    "--cache_latents", *common))
+    per_epoch = eager.steps_per_epoch
+    samples = eager.dataset.latent_cache_samples()
+    assert len(samples) == 2 * len(PHOTOS)  # each photo, and mirrored
+
+    out = str(tmp_path / "first_step")
+    run = run_training(train_args(model, photo_dir, out, "--max_train_steps", "1", "--cache_latents_to_disk",
+                                  "--cache_latents_on_first_use", *common))
+    assert run.models.vae is not None  # the first epoch is not over: more images to encode
+    files = [f for _, _, names in os.walk(photo_dir) for f in names if f.endswith(".safetensors")]
+    assert len(files) == 2  # one batch of two images: only those were encoded
+    shutil.rmtree(os.path.join(photo_dir, "4_subject", CACHE_FOLDER))
+
+    eager = run_training(train_args(model, photo_dir, str(tmp_path / "eager"), "--max_train_steps",
+                                    str(per_epoch + 2), "--cache_latents", *common))
+    lazy = run_training(train_args(model, photo_dir, str(tmp_path / "lazy"), "--max_train_steps",
+                                   str(per_epoch + 2), "--cache_latents_on_first_use", *common))
+    assert lazy.models.vae is None  # released once the first epoch completed the cache
+    assert all(sample in lazy.latent_cache for sample in samples)
+    assert lazy.latent_cache.stats.encoded == len(samples)  # each entry encoded once
+    # the batches' encodes landed in this process's cache: completing it after epoch 1 found them
+    assert lazy.latent_cache.stats.hits >= len(PHOTOS)
+    a = safetensors_io.load_tensors(str(tmp_path / "eager" / "lora.safetensors"))
+    b = safetensors_io.load_tensors(str(tmp_path / "lazy" / "lora.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(float(v.abs().max()) > 0 for k, v in b.items() if "lora_up" in k)
 
 
 def test_vae_released_after_caching_and_read_again_on_a_miss(tiny_checkpoint, photo_dir, tmp_path):

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32 under --mixed_precision")
     add_dataset_arguments(p, support_dreambooth=True, support_caption=True, support_caption_dropout=True)
     add_config_arguments(p)
-    add_cache_arguments(p, support_text_encoder_caching=False)
+    add_cache_arguments(p, support_text_encoder_caching=False, trainer=False)
     return p
 
 

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="captions per text-encoder call (default: --vae_batch_size, at least 8)")
     add_dataset_arguments(p, support_dreambooth=True, support_caption=True, support_caption_dropout=True)
     add_config_arguments(p)
-    add_cache_arguments(p, support_text_encoder_caching=True)
+    add_cache_arguments(p, support_text_encoder_caching=True, trainer=False)
     return p
 
 
