@@ -140,15 +140,15 @@ def _read_memo(memo: str) -> dict:
 # Identities of models
 
 
-def _tensor_bytes(tensor, sample: Optional[int]) -> bytes:
-    """Raw bytes of a tensor, or of `sample` evenly spaced elements plus the last one."""
+def _tensor_bytes(tensor, sample: Optional[int], dtype=None) -> bytes:
+    """Raw bytes of a tensor (as `dtype`), or of `sample` evenly spaced elements plus the last one."""
     import torch
 
     flat = tensor.detach().reshape(-1)
     if sample is not None and flat.numel() > sample:
         step = flat.numel() // sample
         flat = torch.cat([flat[::step][:sample], flat[-1:]])
-    flat = flat.to("cpu").contiguous()
+    flat = flat.to("cpu", dtype if dtype is not None and flat.is_floating_point() else flat.dtype).contiguous()
     return flat.view(torch.uint8).numpy().tobytes()
 
 
@@ -165,10 +165,9 @@ def state_fingerprint(module, prefixes: Optional[tuple] = None, sample: Optional
             continue
         if tensor.device.type == "meta":
             raise ValueError(f"{name} is on the meta device; a cache needs real weights")
-        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-            tensor = tensor.to(dtype)
-        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
-        digest.update(_tensor_bytes(tensor, sample))
+        shown = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        digest.update(f"{name}|{shown}|{list(tensor.shape)}|".encode())
+        digest.update(_tensor_bytes(tensor, sample, dtype))
     return digest.hexdigest()
 
 

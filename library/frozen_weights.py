@@ -5,8 +5,9 @@ LoRA or an embedding does not change the U-Net or text-encoder weights, so holdi
 copies doubles their memory for nothing: every fp16/bf16 value is exactly a float32 value. Here the
 Linear and Conv2d layers of such a frozen part keep the file's dtype and upcast their weight inside
 each forward and backward op; the float32 copy lives for one op only (autograd saves the half
-weight, not the copy). Results are those of float32 weights, at half the memory. Norms, embeddings
-and biases (a few MB) simply become float32.
+weight, not the copy). Results are those of float32 weights, at half the memory. Frozen embedding
+tables (the text encoders' token and position embeddings) stay in half precision too and upcast
+only the rows looked up. Norms and biases (a few MB) simply become float32.
 
 The upcast writes into one reusable buffer per thread and dtype instead of a fresh tensor: a fresh
 float32 weight of tens of MB is a new memory map whose pages fault in one by one, which made the
@@ -16,7 +17,7 @@ Frozen convolutions on CPU also pick PyTorch's convolution path by feature-map s
 large maps, im2col + GEMM on small ones; see `_IM2COL_MAX_PIXELS`). Float32 frozen convolutions are
 swapped for that too, so a run from an fp32 file and one from an fp16 file compute alike.
 
-The swapped layer classes keep the names `Linear` and `Conv2d`, because network modules (ours,
+The swapped layer classes keep the names `Linear`, `Conv2d` and `Embedding`, because network modules (ours,
 LyCORIS) choose the layers they adapt by class name; they stay subclasses of torch's, so
 `isinstance` checks and state dicts are unchanged.
 """
@@ -130,7 +131,19 @@ class Conv2d(torch.nn.Conv2d):
         return _FrozenConv2d.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-_SWAPS = {torch.nn.Linear: Linear, torch.nn.Conv2d: Conv2d}
+class Embedding(torch.nn.Embedding):
+    """A frozen lookup table (token or position embeddings) kept in half precision: only the rows
+    looked up are upcast, and only the rows ever used are read from the mapped file."""
+
+    compute_dtype = torch.float32  # set per layer by `hold_in_half`
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.weight, self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse)
+        return rows.to(self.compute_dtype)
+
+
+_SWAPS = {torch.nn.Linear: Linear, torch.nn.Conv2d: Conv2d, torch.nn.Embedding: Embedding}
 
 
 def _swappable(layer: torch.nn.Module, compute_dtype: torch.dtype) -> Optional[type]:
@@ -143,11 +156,30 @@ def _swappable(layer: torch.nn.Module, compute_dtype: torch.dtype) -> Optional[t
     return None
 
 
+_REPORTING: dict = {}  # (model class, dtype) -> its subclass whose `dtype` says the compute dtype
+
+
+def _report_compute_dtype(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """diffusers and transformers models tell their dtype by their first parameter, which may now be
+    a half weight; pipelines cast their inputs to it. Make `module.dtype` the compute dtype instead
+    (a subclass of the same name, so isinstance checks and saved configs are unchanged)."""
+    cls = type(module)
+    if cls in _REPORTING.values() or not isinstance(getattr(cls, "dtype", None), property):
+        return
+    sub = _REPORTING.get((cls, dtype))
+    if sub is None:
+        sub = type(cls.__name__, (cls,), {"dtype": property(lambda self: dtype), "__module__": cls.__module__,
+                                          "__qualname__": cls.__qualname__})
+        _REPORTING[(cls, dtype)] = sub
+    module.__class__ = sub
+
+
 def hold_in_half(module: torch.nn.Module, compute_dtype: torch.dtype = torch.float32) -> int:
-    """Swap the frozen half-precision Linear/Conv2d layers of `module` (and its frozen Conv2d layers
-    already in `compute_dtype`) to the classes above and cast every other floating parameter and
-    buffer to `compute_dtype`. Returns the bytes the layers keep in half precision (0 when the
-    weights were already in `compute_dtype`)."""
+    """Swap the frozen half-precision Linear/Conv2d/Embedding layers of `module` (and its frozen
+    Conv2d layers already in `compute_dtype`) to the classes above and cast every other floating
+    parameter and buffer to `compute_dtype`; `module.dtype` (diffusers/transformers models) then
+    reports `compute_dtype`. Returns the bytes the layers keep in half precision (0 when the weights
+    were already in `compute_dtype`)."""
     kept = 0
     for layer in module.modules():
         swap = _swappable(layer, compute_dtype)
@@ -156,7 +188,9 @@ def hold_in_half(module: torch.nn.Module, compute_dtype: torch.dtype = torch.flo
             weight = layer.weight
             if weight.dtype in HALF:
                 kept += weight.numel() * weight.element_size()
-            if layer.bias is not None:
+            if swap is Embedding:
+                layer.compute_dtype = compute_dtype
+            elif layer.bias is not None:
                 layer.bias.data = layer.bias.data.to(compute_dtype)
             continue
         for name, p in layer.named_parameters(recurse=False):
@@ -165,22 +199,27 @@ def hold_in_half(module: torch.nn.Module, compute_dtype: torch.dtype = torch.flo
         for name, b in layer.named_buffers(recurse=False):
             if b.is_floating_point() and b.dtype != compute_dtype:
                 setattr(layer, name, b.to(compute_dtype))
+    if uses_frozen_layers(module):
+        _report_compute_dtype(module, compute_dtype)
     return kept
 
 
+_HELD = (Linear, Conv2d, Embedding)
+
+
 def is_held_in_half(module: torch.nn.Module) -> bool:
-    return any(isinstance(m, (Linear, Conv2d)) and m.weight.dtype in HALF for m in module.modules())
+    return any(isinstance(m, _HELD) and m.weight.dtype in HALF for m in module.modules())
 
 
 def uses_frozen_layers(module: torch.nn.Module) -> bool:
     """Whether `hold_in_half` swapped any layer of `module` (half-held or float32 convolutions)."""
-    return any(isinstance(m, (Linear, Conv2d)) for m in module.modules())
+    return any(isinstance(m, _HELD) for m in module.modules())
 
 
 def compute_dtype(module: torch.nn.Module) -> torch.dtype:
     """The dtype `module` computes in: its parameters' dtype, leaving out the weights held in half
     precision (inputs must come in this dtype; `next(module.parameters()).dtype` would say fp16)."""
-    held = {id(m.weight) for m in module.modules() if isinstance(m, (Linear, Conv2d)) and m.weight.dtype in HALF}
+    held = {id(m.weight) for m in module.modules() if isinstance(m, _HELD) and m.weight.dtype in HALF}
     for p in module.parameters():
         if p.is_floating_point() and id(p) not in held:
             return p.dtype

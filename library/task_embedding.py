@@ -79,7 +79,8 @@ class NewRowsEmbedding(torch.nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The whole table (old rows, then new ones), for code that reads `.weight`."""
-        return torch.cat([self.base.weight, self.new_rows.to(self.base.weight.dtype)])
+        dtype = getattr(self.base, "compute_dtype", self.base.weight.dtype)  # a half-held table computes wider
+        return torch.cat([self.base.weight.to(dtype), self.new_rows.to(dtype)])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         first_new = self.base.num_embeddings

@@ -96,9 +96,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def text_encoder_identity(conditioner) -> str:
     """Family, tokenizers and (sampled) encoder weights of a `TextConditioner`."""
+    from library.frozen_weights import compute_dtype
+
     parts = [conditioner.family.name]
     parts += [tokenizer_fingerprint(t) for t in conditioner.tokenizers]
-    parts += [state_fingerprint(e, sample=FINGERPRINT_SAMPLE) for e in conditioner.text_encoders]
+    # weights held in half precision are hashed as the float32 values they compute with
+    parts += [state_fingerprint(e, sample=FINGERPRINT_SAMPLE, dtype=compute_dtype(e)) for e in conditioner.text_encoders]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 

@@ -350,6 +350,29 @@ def test_text_cache_is_keyed_on_caption_and_clip_skip(tmp_path, sd1_conditioner)
     assert long.get_batch(["a dog", "a cat"]).context.shape == (2, 152, 32)
 
 
+def test_text_encoders_held_in_half_share_entries_with_float32_ones(tmp_path, sd1):
+    """A LoRA run holds a frozen fp16 text encoder in fp16 (token table included) and computes in
+    float32: same outputs and the same cache key as the encoder read in float32 from that file."""
+    from library.frozen_weights import hold_in_half, is_held_in_half
+    from library.text_encoding import TextConditioner
+    from library.tokenizer import load_tokenizers
+
+    as_fp32 = copy.deepcopy(sd1.text_encoders[0]).half().float().requires_grad_(False)
+    held = copy.deepcopy(sd1.text_encoders[0]).half().requires_grad_(False)
+    hold_in_half(held)
+    assert is_held_in_half(held) and held.get_input_embeddings().weight.dtype == torch.float16
+    tokenizers = load_tokenizers(SD1)
+    full = tec.TextEncoderOutputCache(TextConditioner(SD1, tokenizers, [as_fp32]), str(tmp_path))
+    half = tec.TextEncoderOutputCache(TextConditioner(SD1, tokenizers, [held]), str(tmp_path))
+    assert half.key("a dog") == full.key("a dog")
+    full.ensure(["a dog"])
+    assert half.ensure(["a dog"]).hits == 1
+    with torch.no_grad():
+        a = TextConditioner(SD1, tokenizers, [held]).encode(["a dog"]).context
+        b = TextConditioner(SD1, tokenizers, [as_fp32]).encode(["a dog"]).context
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
 def test_text_cache_damaged_entry_is_recomputed(tmp_path, sd1_conditioner, caplog):
     cache = tec.TextEncoderOutputCache(sd1_conditioner, str(tmp_path))
     cache.ensure(["a cat"])

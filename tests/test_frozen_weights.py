@@ -97,7 +97,13 @@ def test_lora_on_an_fp16_file_equals_float32_training(family, half_and_full, pho
                             "--sample_at_first"), sdxl)
     linear = run.models.unet.down_blocks[0].resnets[0].conv1
     assert linear.weight.dtype == torch.float16  # held in the file's precision...
-    assert next(run.models.text_encoders[0].get_input_embeddings().parameters()).dtype == torch.float32
+    tokens = run.models.text_encoders[0].get_input_embeddings()
+    assert tokens.weight.dtype == torch.float16  # the token table too: only looked-up rows are upcast
+    assert tokens(torch.tensor([[1, 2]])).dtype == torch.float32
+    # pipelines cast their inputs to `model.dtype`: held models report the dtype they compute in
+    parts = [run.models.unet, run.models.vae, *run.models.text_encoders]
+    assert all(part.dtype == torch.float32 for part in parts)
+    assert type(run.models.unet).__name__ == "UNet2DConditionModel"
     assert is_held_in_half(run.models.vae)  # it encodes every step and decodes the sample image
     assert compute_dtype(run.models.vae) == torch.float32
     train_lora(common(full, photo_dir, str(tmp_path / "full")), sdxl)
