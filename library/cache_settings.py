@@ -2,8 +2,8 @@
 
 `add_cache_arguments` adds the flags to a trainer's or cache tool's parser; `CacheSettings.from_args`
 resolves them (`*_to_disk` and `--cache_latents_on_first_use` imply caching) and says where each
-cache lives. Only the standard
-library is imported here, so parsers that add these flags stay instant.
+cache lives. Only the standard library is imported here, so parsers that add these flags stay
+instant.
 """
 
 from __future__ import annotations

@@ -273,13 +273,13 @@ class LatentCache:
         """VAE-encode one batch; returns the `_put` arguments of its entries."""
         import torch
 
+        from library.frozen_weights import compute_dtype
+
         pixels, masks = [], []
         for _, s in batch:
             image, mask = futures[(s.path, s.plan, s.alpha_mask)].result()
             pixels.append(image.flip(-1) if s.flip else image)
             masks.append(None if mask is None else (mask.flip(-1) if s.flip else mask))
-        from library.frozen_weights import compute_dtype
-
         device = next(self.vae.parameters()).device
         images = torch.stack(pixels).to(device, compute_dtype(self.vae))
         if images.device.type == "cpu":

@@ -442,66 +442,6 @@ def _sync_gradients(run: Run, params: List[torch.Tensor], micro_batches: int) ->
 # the loop
 
 
-def _micro_batches(run: Run, batches, step_in_epoch: int) -> list:
-    """This process's micro-batches for one optimizer step: the step owns the consecutive
-    batches [k·A·P, (k+1)·A·P) of the epoch; process p takes every P-th of them."""
-    per_step = run.args.gradient_accumulation_steps * run.num_processes
-    start = step_in_epoch * per_step
-    own = range(start + run.accelerator.process_index, min(start + per_step, len(batches)), run.num_processes)
-    return [(i - start, batches[i]) for i in own]
-
-
-class _EpochJobs(torch.utils.data.Dataset):
-    """The micro-batches this process loads in one epoch, in order, as (step, index, batch dict).
-
-    Loading runs in DataLoader workers (single-threaded, so small image ops do not fight the
-    model's threads) while the main process trains on the previous batch."""
-
-    def __init__(self, run: Run, epoch: int, first_step: int, first_step_in_epoch: int):
-        self.dataset = run.dataset
-        self.epoch = epoch
-        batches = run.dataset.epoch_batches(epoch)
-        self.jobs = []
-        step = first_step
-        for k in range(first_step_in_epoch, run.steps_per_epoch):
-            if step >= run.max_steps:
-                break
-            for index, batch in _micro_batches(run, batches, k):
-                self.jobs.append((step, index, batch))
-            step += 1
-        self.steps = step - first_step
-
-    def __len__(self) -> int:
-        return len(self.jobs)
-
-    def __getitem__(self, i: int):
-        step, index, batch = self.jobs[i]
-        return step, index, self.dataset.load_batch(batch, self.epoch, step)
-
-
-def _loader(run: Run, jobs: _EpochJobs):
-    from library.training_caches import latents_pending
-
-    workers = min(run.args.max_data_loader_n_workers or 0, os.cpu_count() or 1)
-    if workers == 0 or latents_pending(run):  # latents encoded now must land in this process's cache
-        return (jobs[i] for i in range(len(jobs)))
-    return torch.utils.data.DataLoader(jobs, batch_size=None, shuffle=False, num_workers=workers,
-                                       collate_fn=lambda item: item, prefetch_factor=2)
-
-
-def _by_step(items):
-    """Group consecutive (step, index, batch) items into (step, [(index, batch)...])."""
-    current, group = None, []
-    for step, index, batch in items:
-        if current is not None and step != current:
-            yield current, group
-            group = []
-        current = step
-        group.append((index, batch))
-    if group:
-        yield current, group
-
-
 def _check_finite(run: Run, loss: torch.Tensor, step: int, batch: dict) -> None:
     if not torch.isfinite(loss):
         paths = ", ".join(os.path.basename(p) for p in batch.get("image_paths", []))
@@ -626,6 +566,7 @@ def train(args, task: Task):
     from tqdm import tqdm
 
     from library.ema import EMA
+    from library.epoch_jobs import EpochJobs, by_step, epoch_loader
     from library.optimizers import optimizer_eval_mode, optimizer_train_mode
     from library.save_policy import SavePolicy
     from library.train_logging import TrainLogger
@@ -657,8 +598,8 @@ def train(args, task: Task):
     per_epoch = run.steps_per_epoch  # every epoch has this many steps, so the step number says where we are
     while step < run.max_steps:
         epoch = step // per_epoch  # finished epochs
-        jobs = _EpochJobs(run, epoch + 1, step, step % per_epoch)
-        for _, micro in _by_step(_loader(run, jobs)):
+        jobs = EpochJobs(run, epoch + 1, step, step % per_epoch)
+        for _, micro in by_step(epoch_loader(run, jobs)):
             total = 0.0
             for index, batch in micro:
                 task.before_step(run, batch)
