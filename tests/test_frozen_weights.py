@@ -85,6 +85,32 @@ def test_upcasting_layers_equal_float32_layers():
     assert torch.allclose(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 77, 300])
+def test_frozen_linear_by_weight_row_blocks_matches_torch(rows, monkeypatch):
+    """Few rows take the weight-row-block path (several blocks here); many rows take F.linear. Either
+    way the output and input gradient are torch's, and fp16-held and float32 weights agree exactly."""
+    from library import frozen_weights
+    from library.frozen_weights import hold_in_half
+
+    monkeypatch.setattr(frozen_weights, "_BLOCK_ELEMENTS", 16 * 24)  # 16-row blocks of a 24-wide weight
+    torch.manual_seed(0)
+    half = torch.nn.Linear(24, 70).half().requires_grad_(False)
+    full = copy.deepcopy(half).float()
+    held, swapped = copy.deepcopy(half), copy.deepcopy(full)
+    hold_in_half(held)
+    hold_in_half(swapped)
+    assert type(swapped) is frozen_weights.Linear and swapped.weight.dtype == torch.float32
+    x = torch.randn(rows, 24)
+    inputs = [x.clone().requires_grad_(True) for _ in range(3)]
+    outputs = [layer(v) for layer, v in zip((full, held, swapped), inputs)]
+    grad = torch.randn_like(outputs[0])
+    for out in outputs:
+        out.backward(grad)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(inputs[1].grad, inputs[0].grad, rtol=1e-5, atol=1e-6)
+    assert torch.equal(outputs[1], outputs[2]) and torch.equal(inputs[1].grad, inputs[2].grad)
+
+
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_lora_on_an_fp16_file_equals_float32_training(family, half_and_full, photo_dir, tmp_path):
     from library.frozen_weights import compute_dtype, is_held_in_half
