@@ -18,9 +18,9 @@ large maps, im2col + GEMM on small ones; see `_IM2COL_MAX_PIXELS`), and frozen L
 rows multiply by blocks of weight rows (`_THIN_ROWS`). Float32 frozen Linear and Conv2d layers are
 swapped for that too, so a run from an fp32 file and one from an fp16 file compute alike.
 
-The swapped layer classes keep the names `Linear`, `Conv2d` and `Embedding`, because network modules (ours,
-LyCORIS) choose the layers they adapt by class name; they stay subclasses of torch's, so
-`isinstance` checks and state dicts are unchanged.
+The swapped layer classes keep the names `Linear`, `Conv2d` and `Embedding`, because network
+modules (ours, LyCORIS) choose the layers they adapt by class name; they stay subclasses of torch's,
+so `isinstance` checks and state dicts are unchanged.
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ With `--cache_latents` every sample's latents (and mirrored ones with flip_aug) 
 before the first step, in memory or on disk (`*_to_disk`); with `--cache_latents_on_first_use`, as
 the first epoch's batches need them (the rest right after that epoch). With
 `--cache_text_encoder_outputs` the same for each caption, before the first step. The dataset then
-reads from the caches instead of decoding images or running the text encoders. Encoders that are no longer needed move off the accelerator; the VAE
-is released altogether when nothing else needs it (no sample images, a task that does not save
-it), and read from the model file again only if a cache entry goes missing later.
+reads from the caches instead of decoding images or running the text encoders. Encoders that are
+no longer needed move off the accelerator; the VAE is released altogether when nothing else needs
+it (no sample images, a task that does not save it), and read from the model file again only if a
+cache entry goes missing later.
 """
 
 from __future__ import annotations
