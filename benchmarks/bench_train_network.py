@@ -1,9 +1,11 @@
 """Benchmark of LoRA training on CPU: seconds per step against a bare forward+backward, time to the
 first step, and peak memory, for an SD1.5-size and an SDXL-size model.
 
-    python benchmarks/bench_train_network.py [--families sd1,sdxl] [--steps 6] [--first_use] [--profile]
+    python benchmarks/bench_train_network.py [--families sd1,sdxl] [--steps 6] [--mixed_precision no,bf16]
+        [--first_use] [--profile]
 
-Settings (from the issue): 256 px, batch 1, LoRA dim 4 (alpha 1), cached latents, float32 on CPU,
+Settings (from the issue): 256 px, batch 1, LoRA dim 4 (alpha 1), cached latents, on CPU in float32
+(`--mixed_precision no`, the default) and/or with `--mixed_precision bf16`,
 seeded random full-size checkpoints (`tools/make_random_model.py --size full --precision fp16`,
 generated once into the cache folder, shared with the model I/O benchmark) and a four-photo
 DreamBooth folder. For each family, in fresh child processes measured from outside:
@@ -14,7 +16,8 @@ DreamBooth folder. For each family, in fresh child processes measured from outsi
   and the polled peak PSS of the whole process tree (DataLoader workers included) is shown beside
   it. CPU seconds per step of the training process are sampled from outside as well.
 * bare: the same models held as the trainer holds them (frozen U-Net and text encoders in the
-  file's fp16 with float32 compute, `library/frozen_weights.py`; the VAE stays loaded in float32,
+  file's fp16 with float32 compute, `library/frozen_weights.py`; with bf16, read in bf16 and held by
+  the same module with bf16 compute under autocast; the VAE stays loaded,
   where the trainer frees it after caching, so the bare peak RSS is not the trainer's), the same LoRA
   (`networks.lora.create_network` + `apply_to` on the text encoder(s) and U-Net, as the trainer
   does by default), the same SDPA attention, then timed iterations of text-encoder forward +
@@ -241,20 +244,22 @@ def child_env(threads: int) -> dict:
 # the measurements
 
 
-def training_args(family: str, model: str, data: str, out: str, steps: int, extra=()) -> list:
+def training_args(family: str, model: str, data: str, out: str, steps: int, extra=(), mixed_precision="no") -> list:
     script = "sdxl_train_network.py" if family == "sdxl" else "train_network.py"
     return [
         os.path.join(REPO, script), "--pretrained_model_name_or_path", model, "--train_data_dir", data,
         "--output_dir", out, "--output_name", "bench", "--resolution", str(RESOLUTION), "--train_batch_size", "1",
         "--caption_extension", ".txt", "--network_module", "networks.lora", "--network_dim", "4",
         "--network_alpha", "1", "--learning_rate", "1e-4", "--seed", "0", "--cache_latents",
-        "--max_train_steps", str(steps), "--mixed_precision", "no", *extra,
+        "--max_train_steps", str(steps), "--mixed_precision", mixed_precision, *extra,
     ]
 
 
-def measure_training(family: str, model: str, data: str, steps: int, threads: int, extra=()) -> dict:
+def measure_training(family: str, model: str, data: str, steps: int, threads: int, extra=(),
+                     mixed_precision: str = "no") -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as out:
-        watched = Watched([sys.executable, *training_args(family, model, data, out, steps, extra)], child_env(threads))
+        cmd = [sys.executable, *training_args(family, model, data, out, steps, extra, mixed_precision)]
+        watched = Watched(cmd, child_env(threads))
         result = watched.wait()
         if watched.killed_for_memory:
             raise OutOfMemory(f"[{family}] training stopped after {result['wall']:.0f} s with MemAvailable under "
@@ -276,9 +281,9 @@ def measure_training(family: str, model: str, data: str, steps: int, threads: in
                 first_step_only=done[0] - loop_start if loop_start is not None else None)
 
 
-def measure_bare(family: str, model: str, iters: int, threads: int) -> dict:
+def measure_bare(family: str, model: str, iters: int, threads: int, mixed_precision: str = "no") -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "bare", "--family", family, "--path", model,
-           "--iters", str(iters)]
+           "--iters", str(iters), "--mixed_precision", mixed_precision]
     watched = Watched(cmd, child_env(threads))
     result = watched.wait()
     if watched.killed_for_memory:
@@ -289,7 +294,7 @@ def measure_bare(family: str, model: str, iters: int, threads: int) -> dict:
     return dict(result, **json.loads(watched.stdout.decode().strip().splitlines()[-1]))
 
 
-def child_bare(family: str, path: str, iters: int) -> dict:
+def child_bare(family: str, path: str, iters: int, mixed_precision: str = "no") -> dict:
     """Timed TE forward + U-Net forward + backward with the trainer's LoRA, outside the trainer."""
     import types
 
@@ -304,14 +309,17 @@ def child_bare(family: str, path: str, iters: int) -> dict:
     from library.frozen_weights import hold_in_half
 
     start = time.perf_counter()
-    # as the trainer holds them in a float32 run: frozen U-Net and text encoders in the file's dtype
-    frozen = {part: None for part in ("unet", "text_encoder", "text_encoder_2")}
-    models = load_models(path, sdxl=family == "sdxl", dtype=torch.float32, part_dtypes=frozen)
+    bf16 = mixed_precision == "bf16"
+    if bf16:  # as the trainer holds them with --mixed_precision bf16: frozen weights in bf16, autocast
+        models = load_models(path, sdxl=family == "sdxl", dtype=torch.bfloat16)
+    else:  # as the trainer holds them in a float32 run: frozen U-Net and text encoders in the file's dtype
+        frozen = {part: None for part in ("unet", "text_encoder", "text_encoder_2")}
+        models = load_models(path, sdxl=family == "sdxl", dtype=torch.float32, part_dtypes=frozen)
     for module in [models.unet, models.vae, *models.text_encoders]:
         module.requires_grad_(False)
         module.eval()
-    for module in [models.unet, *models.text_encoders]:
-        hold_in_half(module)
+    for module in [models.unet, *models.text_encoders]:  # the frozen layers' CPU paths, as in the trainer
+        hold_in_half(module, torch.bfloat16 if bf16 else torch.float32)
     set_attention(models.unet, types.SimpleNamespace(), torch.device("cpu"))
     encoders = models.text_encoders if len(models.text_encoders) > 1 else models.text_encoders[0]
     network = networks.lora.create_network(1.0, 4, 1, models.vae, encoders, models.unet)
@@ -334,12 +342,13 @@ def child_bare(family: str, path: str, iters: int) -> dict:
     for _ in range(iters + 1):  # the first iteration warms up allocators and kernels; not counted
         c0 = time.process_time()
         t0 = time.perf_counter()
-        cond = conditioner.encode_tokens(ids, clip_skip)
-        t1 = time.perf_counter()
-        kwargs = {}
-        if models.family.is_sdxl:
-            kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": time_ids}
-        pred = models.unet(noisy, timesteps, cond.context, **kwargs).sample
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            cond = conditioner.encode_tokens(ids, clip_skip)
+            t1 = time.perf_counter()
+            kwargs = {}
+            if models.family.is_sdxl:
+                kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": time_ids}
+            pred = models.unet(noisy.to(models.unet.dtype), timesteps, cond.context, **kwargs).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise)
         t2 = time.perf_counter()
         loss.backward()
@@ -431,7 +440,11 @@ def verdict(ok: bool) -> str:
     return "ok" if ok else "MISS"
 
 
-def family_rows(family: str, train: dict, bare: dict) -> list:
+def family_label(family: str, mixed_precision: str) -> str:
+    return {"sd1": "SD1.5", "sdxl": "SDXL"}[family] + ("" if mixed_precision == "no" else f" {mixed_precision}")
+
+
+def family_rows(family: str, train: dict, bare: dict, mixed_precision: str = "no") -> list:
     ref = REFERENCE[family]
     step, first, rss = train["step_seconds"], train["first_step"], train["peak_rss"] / GIB
     ratio = step / bare["bare_seconds"]
@@ -439,7 +452,7 @@ def family_rows(family: str, train: dict, bare: dict) -> list:
     ratio_min = min(train["step_gaps"]) / min(bare["bare_all"])
     # CPU seconds hardly change when other processes take turns on the cores (with 1 thread per child)
     cpu_ratio = statistics.median(train["cpu_gaps"]) / statistics.median(bare["bare_cpu"])
-    label = {"sd1": "SD1.5", "sdxl": "SDXL"}[family]
+    label = family_label(family, mixed_precision)
     return [
         [f"{label} s/step (median of {len(train['step_gaps'])})", f"{step:.2f}", f"{ref['step']:.2f}",
          f"{step / ref['step']:.2f}x", "<= 1.00x", verdict(step <= ref["step"])],
@@ -457,12 +470,12 @@ def family_rows(family: str, train: dict, bare: dict) -> list:
     ]
 
 
-def first_use_rows(family: str, train: dict) -> list:
+def first_use_rows(family: str, train: dict, mixed_precision: str = "no") -> list:
     """The run with --cache_latents_on_first_use: its steps in epoch 1 include encodes, so only the
     time to the first step and the peak RSS are compared."""
     ref = REFERENCE[family]
     first, rss = train["first_step"], train["peak_rss"] / GIB
-    label = {"sd1": "SD1.5", "sdxl": "SDXL"}[family] + " with --cache_latents_on_first_use"
+    label = family_label(family, mixed_precision) + " with --cache_latents_on_first_use"
     return [
         [f"{label}: launch to first finished step, s", f"{first:.1f}", f"{ref['first']:.0f}",
          f"{first / ref['first']:.2f}x", f"<= {FIRST_FACTOR}x", verdict(first <= FIRST_FACTOR * ref["first"])],
@@ -478,7 +491,8 @@ def render(rows: list) -> str:
     return "\n".join(lines)
 
 
-def details(family: str, train: dict, bare: dict) -> str:
+def details(family: str, train: dict, bare: dict, mixed_precision: str = "no") -> str:
+    family = family if mixed_precision == "no" else f"{family} {mixed_precision}"
     parts = [f"[{family}] training: wall {train['wall']:.1f} s, CPU {train['cpu']:.1f} s; step gaps "
              + ", ".join(f"{g:.2f}" for g in train["step_gaps"]) + " s; CPU per step "
              + ", ".join(f"{g:.2f}" for g in train["cpu_gaps"]) + " s"]
@@ -503,6 +517,8 @@ def parse_args(argv=None):
                    help="where generated checkpoints and photos are kept between runs")
     p.add_argument("--skip_generate", action="store_true", help="skip a family whose checkpoint is not cached")
     p.add_argument("--force", action="store_true", help="run a family even when MemAvailable looks too small")
+    p.add_argument("--mixed_precision", default="no",
+                   help="comma-separated precisions to run: no (float32, the default), bf16 (--mixed_precision bf16)")
     p.add_argument("--first_use", action="store_true",
                    help="also time a run with --cache_latents_on_first_use (first step and peak RSS)")
     p.add_argument("--profile", action="store_true",
@@ -521,7 +537,7 @@ def main(argv=None) -> None:
     if args.child:
         sys.path.insert(0, REPO)
         if args.child == "bare":
-            result = child_bare(args.family, args.path, args.iters)
+            result = child_bare(args.family, args.path, args.iters, args.mixed_precision)
         else:
             result = child_profile(args.family, args.path, args.data, args.steps, args.report)
         print(json.dumps(result))
@@ -530,6 +546,9 @@ def main(argv=None) -> None:
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
         raise SystemExit(f"--families: unknown {unknown}; choose from {', '.join(FAMILIES)}")
+    precisions = [m.strip() for m in args.mixed_precision.split(",") if m.strip()]
+    if not precisions or any(m not in ("no", "bf16") for m in precisions):
+        raise SystemExit(f"--mixed_precision {args.mixed_precision}: choose from no, bf16 (comma-separated)")
     if args.steps < 3:
         raise SystemExit("--steps must be at least 3 (the first step is warm-up; s/step needs two gaps)")
     data = ensure_photos(args.cache_dir)
@@ -545,26 +564,29 @@ def main(argv=None) -> None:
                          f"{mem_available() / GIB:.1f} GiB (--force runs it anyway)")
             print(notes[-1], flush=True)
             continue
-        try:
-            print(f"[{family}] training {args.steps} steps...", flush=True)
-            train = measure_training(family, model, data, args.steps, args.threads)
-            print(f"[{family}] bare forward+backward, {args.iters} iterations...", flush=True)
-            bare = measure_bare(family, model, args.iters, args.threads)
-        except OutOfMemory as e:
-            notes.append(str(e))
+        for precision in precisions:
+            tag = family if precision == "no" else f"{family} {precision}"
+            try:
+                print(f"[{tag}] training {args.steps} steps...", flush=True)
+                train = measure_training(family, model, data, args.steps, args.threads, mixed_precision=precision)
+                print(f"[{tag}] bare forward+backward, {args.iters} iterations...", flush=True)
+                bare = measure_bare(family, model, args.iters, args.threads, precision)
+            except OutOfMemory as e:
+                notes.append(str(e))
+                print(notes[-1], flush=True)
+                continue
+            rows += family_rows(family, train, bare, precision)
+            notes.append(details(family, train, bare, precision))
             print(notes[-1], flush=True)
-            continue
-        rows += family_rows(family, train, bare)
-        notes.append(details(family, train, bare))
-        print(notes[-1], flush=True)
-        if args.first_use:
-            print(f"[{family}] training {args.steps} steps with --cache_latents_on_first_use...", flush=True)
-            lazy = measure_training(family, model, data, args.steps, args.threads, ("--cache_latents_on_first_use",))
-            rows += first_use_rows(family, lazy)
-            notes.append(f"[{family}] --cache_latents_on_first_use: first step at {lazy['first_step']:.1f} s "
-                         f"(loop start {lazy['loop_start']:.1f} s); step gaps "
-                         + ", ".join(f"{g:.2f}" for g in lazy["step_gaps"]) + " s (epoch 1: they include encodes)")
-            print(notes[-1], flush=True)
+            if args.first_use:
+                print(f"[{tag}] training {args.steps} steps with --cache_latents_on_first_use...", flush=True)
+                lazy = measure_training(family, model, data, args.steps, args.threads, ("--cache_latents_on_first_use",),
+                                        precision)
+                rows += first_use_rows(family, lazy, precision)
+                notes.append(f"[{tag}] --cache_latents_on_first_use: first step at {lazy['first_step']:.1f} s "
+                             f"(loop start {lazy['loop_start']:.1f} s); step gaps "
+                             + ", ".join(f"{g:.2f}" for g in lazy["step_gaps"]) + " s (epoch 1: they include encodes)")
+                print(notes[-1], flush=True)
         if args.profile:
             report = os.path.join(args.cache_dir, f"profile-train-{family}.txt")
             print(f"[{family}] profiling a 3-step run -> {report}", flush=True)
@@ -574,7 +596,7 @@ def main(argv=None) -> None:
     print()
     print(f"LoRA training benchmark, {datetime.date.today().isoformat()}, {os.cpu_count()} cores, "
           f"{args.threads} threads per child, Python {platform.python_version()}; {RESOLUTION} px, batch 1, dim 4, "
-          f"cached latents, float32; load average {load_before:.2f} before, {load_after:.2f} after")
+          f"cached latents, {' and '.join('float32' if m == 'no' else m for m in precisions)}; load average {load_before:.2f} before, {load_after:.2f} after")
     if max(load_before, load_after) > 0.5:
         print(f"WARNING: the machine was busy (load average up to {max(load_before, load_after):.2f} on "
               f"{os.cpu_count()} cores): absolute times are inflated; the step/bare ratio, measured side by "

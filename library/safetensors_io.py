@@ -6,8 +6,9 @@ it is a zero-copy view of a private, copy-on-write memory map of the file (`zero
 on POSIX systems), with a storage of its own that covers exactly its bytes. Its pages come from the
 page cache when first touched, and an in-place change (a training step) copies the touched page
 into the process's own memory: the file is never written. Tensors that are converted, or that
-would sit at an address where a fresh tensor would not (see `_FRESH_ALIGNMENT`), are read straight
-into their final buffer, one tensor at a time: no full-file buffer, no second copy. Files written
+would sit at an address where a fresh tensor would not (see `_FRESH_ALIGNMENT`), are read one
+tensor at a time: no full-file buffer. A converted tensor is read into one reused buffer and
+converted from there; any other goes straight into its final buffer. Files written
 here are standard safetensors files that the `safetensors` package reads.
 
 A mapped file stays as it was when loaded if it is *replaced* (a new file renamed over it, as every
@@ -137,6 +138,7 @@ def load_tensors(
     names.sort(key=lambda k: header.tensors[k].begin)  # sequential reads
     out = {}
     mapped = None  # the file's private map, made at the first tensor that can use it
+    staging = None  # bytes of a tensor to convert
     with open(path, "rb", buffering=0) as f:
         for name in names:
             info = header.tensors[name]
@@ -157,14 +159,17 @@ def load_tensors(
                     t = torch.empty(0, dtype=src_dtype)
                     out[name] = t.set_(mapped[offset:offset + nbytes], 0, info.shape)
                     continue
-            t = torch.empty(info.shape, dtype=src_dtype)
+            if convert:  # read through one reused buffer: fresh memory per tensor faults in page by page
+                if staging is None or staging.numel() < nbytes:
+                    staging = torch.empty(nbytes, dtype=torch.uint8)
+                t = staging[:nbytes].view(src_dtype).view(info.shape)
+            else:
+                t = torch.empty(info.shape, dtype=src_dtype)
             if nbytes:
                 f.seek(offset)
                 if f.readinto(_as_bytes(t)) != nbytes:
                     raise UserError(f"{path}: file is truncated at tensor {name!r}; re-download or re-save it")
-            if convert:
-                t = t.to(want)
-            out[name] = t
+            out[name] = t.to(want) if convert else t
     return out
 
 

@@ -198,25 +198,34 @@ def _run_seed(args) -> int:
     return seed
 
 
-def _frozen_parts_in_file_dtype(args, precision, trained_parts: dict, task: Task) -> list:
-    """Frozen U-Net / text encoders / VAE of a float32 run are read in the file's dtype: when that is
-    fp16 or bf16, `library.frozen_weights` computes with them in float32 at half the memory, exactly."""
-    if precision.weight_dtype != torch.float32 or getattr(args, "base_weights", None):
-        return []  # mixed precision already holds them in half; merged --base_weights need float32
-    # the VAE only encodes (and decodes samples) unless the task saves it
-    vae = [] if task.saves_vae or args.no_half_vae else ["vae"]
-    if not task.frozen_weights_may_stay_half(args):
-        return vae
-    return [part for part in ("unet", "text_encoder", "text_encoder_2") if part not in trained_parts] + vae
+def _frozen_parts(args, precision, device: torch.device, trained_parts: dict, task: Task) -> tuple:
+    """(parts read in the file's own dtype, parts whose frozen layers `library.frozen_weights` holds).
+
+    A float32 run reads the frozen U-Net / text encoders / VAE in the file's dtype: when that is fp16
+    or bf16, the held layers compute with them in float32 at half the memory, exactly. A bf16 run on
+    CPU reads them in bf16 and holds the U-Net and text encoders for the CPU paths of those layers
+    (small-map convolutions by GEMM, without oneDNN's per-call weight reorder)."""
+    if getattr(args, "base_weights", None):
+        return [], []  # merged --base_weights need the plain layers' weights
+    frozen = []
+    if task.frozen_weights_may_stay_half(args):
+        frozen = [part for part in ("unet", "text_encoder", "text_encoder_2") if part not in trained_parts]
+    if precision.weight_dtype == torch.float32:
+        # the VAE only encodes (and decodes samples) unless the task saves it
+        parts = frozen + ([] if task.saves_vae or args.no_half_vae else ["vae"])
+        return parts, parts
+    if precision.weight_dtype == torch.bfloat16 and device.type == "cpu":
+        return [], frozen
+    return [], []
 
 
-def _hold_frozen_in_half(models, parts: list, compute_dtype: torch.dtype) -> None:
+def _hold_frozen(models, parts: list, compute_dtype: torch.dtype) -> None:
     from library.frozen_weights import hold_in_half
 
     modules = {"unet": models.unet, "vae": models.vae}
     modules.update({spec.diffusers_subfolder: te for spec, te in zip(models.family.text_encoders, models.text_encoders)})
     kept = sum(hold_in_half(modules[part], compute_dtype) for part in parts if part in modules)
-    if kept:
+    if kept and compute_dtype == torch.float32:
         logger.info("frozen weights kept in the checkpoint's half precision (%.2f GiB), computed in float32", kept / 2**30)
 
 
@@ -262,7 +271,7 @@ def prepare_run(args, task: Task):
         part_dtypes["vae"] = torch.float32  # SDXL's VAE overflows in float16
     trained_parts = task.load_dtypes(precision)
     part_dtypes.update(trained_parts)
-    frozen_in_file_dtype = _frozen_parts_in_file_dtype(args, precision, trained_parts, task)
+    frozen_in_file_dtype, held = _frozen_parts(args, precision, device, trained_parts, task)
     for part in frozen_in_file_dtype:
         part_dtypes[part] = None  # None: the file's own dtype
     models = load_models(
@@ -282,7 +291,7 @@ def prepare_run(args, task: Task):
     tokenizers = load_tokenizers(family, args.pretrained_model_name_or_path, args.tokenizer_cache_dir)
     for module in [models.unet, models.vae, *models.text_encoders]:
         _freeze(module)
-    _hold_frozen_in_half(models, frozen_in_file_dtype, precision.weight_dtype)
+    _hold_frozen(models, held, precision.weight_dtype)
     if args.no_half_vae or precision.weight_dtype == torch.float16 and family.is_sdxl:
         models.vae.to(torch.float32)
     models.unet.to(device)

@@ -169,7 +169,9 @@ class LoRAModule(torch.nn.Module):
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter's own contribution (multiplier and scale included)."""
         down, up, scale = self.forward_factors()
-        h = self._down(x.to(down.dtype), down)
+        if not torch.is_autocast_enabled(x.device.type):  # autocast casts both to its own dtype
+            x = x.to(down.dtype)
+        h = self._down(x, down)
         if self.training and self.dropout:
             h = F.dropout(h, p=self.dropout)
         if self.training and self.rank_dropout:

@@ -174,15 +174,72 @@ def test_embedding_on_an_fp16_file_equals_float32_training(half_and_full, photo_
     assert max_diff(a, b) <= 1e-6
 
 
-def test_mixed_precision_and_trained_parts_are_not_held_in_half(half_and_full, photo_dir, tmp_path):
-    from library.frozen_weights import is_held_in_half
+def test_bf16_on_cpu_holds_the_frozen_u_net_and_text_encoders_in_bf16(half_and_full, photo_dir, tmp_path):
+    """--mixed_precision bf16 on CPU: the frozen U-Net and text encoders are read in bf16 (as sd-scripts
+    holds them) and computed in bf16 through the frozen layers' CPU paths; the VAE is left plain. The
+    LoRA it trains is the float32 run's to bf16 accuracy."""
+    from library.frozen_weights import compute_dtype, is_held_in_half, uses_frozen_layers
 
     half, _ = half_and_full["sd1"]
-    run = train_lora(common(half, photo_dir, str(tmp_path / "bf16"), "--mixed_precision", "bf16",
-                            "--max_train_steps", "1"))
-    assert not is_held_in_half(run.models.unet) and not is_held_in_half(run.models.vae)
-    run = train_lora(common(half, photo_dir, str(tmp_path / "f32"), "--max_train_steps", "1"))
+    run = train_lora(common(half, photo_dir, str(tmp_path / "bf16"), "--mixed_precision", "bf16"))
+    conv = run.models.unet.down_blocks[0].resnets[0].conv1
+    assert type(conv).__module__ == "library.frozen_weights" and conv.weight.dtype == torch.bfloat16
+    assert compute_dtype(run.models.unet) == torch.bfloat16 and run.models.unet.dtype == torch.bfloat16
+    assert uses_frozen_layers(run.models.text_encoders[0]) and not uses_frozen_layers(run.models.vae)
+    run = train_lora(common(half, photo_dir, str(tmp_path / "f32")))
     assert is_held_in_half(run.models.unet) and is_held_in_half(run.models.text_encoders[0])
+    a = safetensors_io.load_tensors(str(tmp_path / "bf16" / "lora.safetensors"))
+    b = safetensors_io.load_tensors(str(tmp_path / "f32" / "lora.safetensors"))
+    ups = [k for k in a if "lora_up" in k]
+    change = max(float(b[k].abs().max()) for k in ups)  # up factors start at zero: all of it was trained
+    assert change > 0 and max_diff({k: a[k] for k in ups}, {k: b[k] for k in ups}) <= 0.05 * change
+
+
+@pytest.mark.parametrize("side,stride,batch,kernel", [(4, 1, 1, 3), (8, 2, 2, 3), (5, 1, 2, 1), (16, 1, 1, 3)])
+def test_bf16_frozen_conv_under_autocast_matches_float32(side, stride, batch, kernel):
+    """Maps up to 8x8 take unfold + one bf16 GEMM, larger ones oneDNN: either way, under autocast, the
+    output and input gradient are the float32 convolution's of the same weights, to bf16 accuracy."""
+    from library import frozen_weights
+    from library.frozen_weights import hold_in_half
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(24, 40, kernel, stride=stride, padding=kernel // 2).bfloat16().requires_grad_(False)
+    reference = copy.deepcopy(conv).float()  # the float32 values of the bf16 weights
+    hold_in_half(conv, torch.bfloat16)
+    x = torch.randn(batch, 24, side, side)
+    assert frozen_weights._unfold_cpu(x.shape, conv.weight, 1, torch.bfloat16) == (side * side <= 64)
+    held_in, ref_in = x.clone().requires_grad_(True), x.bfloat16().float().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(held_in)
+    out_ref = reference(ref_in)
+    assert out.dtype == torch.bfloat16 and out.shape == out_ref.shape
+    grad = torch.randn_like(out_ref).bfloat16().float()
+    out.backward(grad.bfloat16())
+    out_ref.backward(grad)
+    torch.testing.assert_close(out.float(), out_ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(held_in.grad, ref_in.grad, rtol=2e-2, atol=2e-2)
+
+
+def test_bf16_frozen_linear_under_autocast_takes_float32_input_without_upcasting_its_weight(monkeypatch):
+    from library import frozen_weights
+    from library.frozen_weights import hold_in_half
+
+    monkeypatch.setattr(frozen_weights, "_buffers", frozen_weights._UpcastBuffers())
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(24, 70).bfloat16().requires_grad_(False)
+    reference = copy.deepcopy(linear).float()
+    hold_in_half(linear, torch.bfloat16)
+    x = torch.randn(77, 24, requires_grad=True)  # float32, as an fp32 op's output under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert not frozen_weights._buffers.by_dtype  # no float32 copy of the weight was made
+    ref_in = x.detach().bfloat16().float().requires_grad_(True)
+    out_ref = reference(ref_in)
+    out_ref.sum().backward()
+    torch.testing.assert_close(out.float(), out_ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(x.grad, ref_in.grad, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("side", [4, 8, 16, 32])

@@ -47,6 +47,22 @@ def test_read_files_written_by_safetensors_with_dtype_conversion(tmp_path):
     assert list(only) == ["b.half"]
 
 
+def test_converted_tensors_are_exact_and_each_own_their_memory(tmp_path):
+    """Conversions go through one reused read buffer: a big tensor, then smaller ones, then a bigger one."""
+    g = torch.Generator().manual_seed(1)
+    tensors = {f"t{i}": torch.randn(n, generator=g).half() for i, n in enumerate((5000, 300, 7, 4999, 9000))}
+    path = str(tmp_path / "c.safetensors")
+    save_file(tensors, path)
+    for dtype in (torch.bfloat16, torch.float32):
+        ours = safetensors_io.load_tensors(path, dtype=dtype)
+        for k, t in tensors.items():
+            assert ours[k].dtype == dtype and torch.equal(ours[k], t.to(dtype))
+        pointers = sorted((v.untyped_storage().data_ptr(), v.untyped_storage().nbytes()) for v in ours.values())
+        assert all(a + n <= b for (a, n), (b, _) in zip(pointers, pointers[1:]))  # no two share memory
+        ours["t1"].fill_(1)
+        assert torch.equal(ours["t0"], tensors["t0"].to(dtype)) and torch.equal(ours["t3"], tensors["t3"].to(dtype))
+
+
 def test_truncated_file_is_reported_with_its_name(tmp_path):
     path = tmp_path / "t.safetensors"
     safetensors_io.save_tensors(sample_tensors(), str(path))

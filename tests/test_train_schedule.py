@@ -155,7 +155,11 @@ def test_torch_compile_trains_the_same_lora(tiny_checkpoint, photo_dir, tmp_path
     a = safetensors_io.load_tensors(str(tmp_path / "plain" / "lora.safetensors"))
     b = safetensors_io.load_tensors(str(tmp_path / "compiled" / "lora.safetensors"))
     assert a.keys() == b.keys()
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    # compiled, the frozen layers run torch's own kernels (not the CPU weight-row blocks), so the
+    # gradients differ by float32 rounding; Adam's first steps scale near-zero gradients up to full
+    # steps, so the factors differ by up to a few 1e-5 here, against up factors of up to 2e-3
+    assert max(float(a[k].abs().max()) for k in a if "lora_up" in k) > 1e-3
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-4
     with pytest.raises(UserError, match="--dynamo_backend nosuch: unknown"):
         run_training(lora_args(model, photo_dir, str(tmp_path / "x"), "--max_train_steps", "1", "--torch_compile",
                                "--dynamo_backend", "nosuch"))
