@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -70,6 +71,11 @@ def _resolve_v_param(flag: Optional[bool], family: ModelFamily, hint: Optional[b
 
 # ---------------------------------------------------------------------------------------------
 # building models from state dicts
+
+
+def _import_model_classes() -> None:
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection  # noqa: F401
 
 
 def build_unet(sd: Dict[str, torch.Tensor], family: ModelFamily, config: Optional[dict] = None):
@@ -147,7 +153,13 @@ def load_single_file(
         return next((d for prefix, d in dtypes.items() if key.startswith(prefix)), None)
 
     wants_cast = any(d is not None for d in dtypes.values())
-    ckpt = checkpoint_io.read_checkpoint(path, dtype=dtype_for if wants_cast else None, select=select)
+    # the file is read (and converted: torch ops, the GIL released) while this thread imports the
+    # model classes, which on a first load takes seconds of pure Python
+    with ThreadPoolExecutor(1, thread_name_prefix="read-checkpoint") as pool:
+        reading = pool.submit(checkpoint_io.read_checkpoint, path, dtype=dtype_for if wants_cast else None,
+                              select=select)
+        _import_model_classes()
+        ckpt = reading.result()
     tensors = ckpt.tensors
 
     unet = build_unet(unet_convert.ldm_to_diffusers(_split_prefix(tensors, detect.UNET_PREFIX)), family)

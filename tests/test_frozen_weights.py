@@ -181,7 +181,11 @@ def test_bf16_on_cpu_holds_the_frozen_u_net_and_text_encoders_in_bf16(half_and_f
     from library.frozen_weights import compute_dtype, is_held_in_half, uses_frozen_layers
 
     half, _ = half_and_full["sd1"]
-    run = train_lora(common(half, photo_dir, str(tmp_path / "bf16"), "--mixed_precision", "bf16"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of sks --w 64 --h 64 --s 2 --d 5\n", encoding="utf-8")
+    run = train_lora(common(half, photo_dir, str(tmp_path / "bf16"), "--mixed_precision", "bf16",
+                            "--sample_prompts", str(prompts), "--sample_at_first"))
+    assert len([f for f in os.listdir(tmp_path / "bf16" / "sample") if f.endswith(".png")]) == 1
     conv = run.models.unet.down_blocks[0].resnets[0].conv1
     assert type(conv).__module__ == "library.frozen_weights" and conv.weight.dtype == torch.bfloat16
     assert compute_dtype(run.models.unet) == torch.bfloat16 and run.models.unet.dtype == torch.bfloat16
