@@ -22,14 +22,18 @@ DreamBooth folder. For each family, in fresh child processes measured from outsi
   (`networks.lora.create_network` + `apply_to` on the text encoder(s) and U-Net, as the trainer
   does by default), the same SDPA attention, then timed iterations of text-encoder forward +
   `unet(noisy, t, context).sample` + MSE + backward on 32×32 latents: the compute a training step
-  cannot avoid. step / bare near 1 means the loop adds almost nothing.
+  cannot avoid. step / bare near 1 means the loop adds almost nothing. The bare child runs once
+  before and once after the training, and its iterations are pooled: this machine's speed drifts
+  by 10-20 % over minutes, and bracketing puts that drift on both sides of the ratio.
 
 Targets (issue): step / bare <= 1.05; against the established trainer on this machine (SD1.5: 4.6
 s/step, 53 s to the first step, 6.8 GiB peak RSS; SDXL: 9.1 s/step, 70 s, 19.9 GiB), step time no
 worse, time to the first step <= 0.4x, peak RSS <= 0.6x.
 
 With 2 cores, any other busy process stretches every time here: the load average before and after
-is printed, with a warning when the machine was not idle. On a busy machine run with `--threads 1`:
+is printed, with a warning when the machine was not idle, and so is the cost of first-touching a
+page of fresh memory, which on a virtual machine can vary tenfold and moves the time to the first
+step. On a busy machine run with `--threads 1`:
 with more OpenMP threads than free cores every parallel op waits for a descheduled thread (AdamW's
 per-tensor step over the SD1.5 LoRA went from 0.04 s to 2.7 s that way), and the CPU seconds per
 step, which other processes hardly change, give the step / bare ratio. `--profile` additionally runs a short
@@ -116,6 +120,26 @@ def mem_available() -> int:
 def loadavg() -> float:
     with open("/proc/loadavg", encoding="ascii") as f:
         return float(f.read().split()[0])
+
+
+def first_touch_us(size: int = 512 << 20) -> float:
+    """Microseconds to fault in one 4 KiB page of a fresh anonymous map (the first write to it).
+
+    Loading converted weights and a model's first step touch GBs of new memory. On a bare machine a
+    page costs well under a microsecond; on a virtual machine whose host backs guest memory lazily it
+    has been seen at 1.6 us (pages the guest had used before) to 11 us (pages never used since boot),
+    which moves the time to the first step by many seconds, so it is printed with the results."""
+    import mmap
+
+    import numpy as np
+
+    with mmap.mmap(-1, size) as region:
+        pages = np.frombuffer(region, dtype=np.uint8)[::4096]
+        start = time.perf_counter()
+        pages[:] = 1
+        seconds = time.perf_counter() - start
+        del pages
+    return seconds / (size // 4096) * 1e6
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,6 +316,17 @@ def measure_bare(family: str, model: str, iters: int, threads: int, mixed_precis
     if result["returncode"] != 0:
         raise SystemExit(f"[{family}] bare run failed ({result['returncode']}):\n{watched.log_tail()}")
     return dict(result, **json.loads(watched.stdout.decode().strip().splitlines()[-1]))
+
+
+def merge_bare(before: dict, after: dict) -> dict:
+    """One bare result from the runs before and after the training: medians over all iterations."""
+    merged = dict(after, peak_rss=max(before["peak_rss"], after["peak_rss"]),
+                  load_seconds=min(before["load_seconds"], after["load_seconds"]),
+                  bare_all=before["bare_all"] + after["bare_all"], bare_cpu=before["bare_cpu"] + after["bare_cpu"])
+    merged["bare_seconds"] = statistics.median(merged["bare_all"])
+    for part in ("te_forward", "unet_forward", "backward"):
+        merged[part] = (before[part] + after[part]) / 2
+    return merged
 
 
 def child_bare(family: str, path: str, iters: int, mixed_precision: str = "no") -> dict:
@@ -552,7 +587,7 @@ def main(argv=None) -> None:
     if args.steps < 3:
         raise SystemExit("--steps must be at least 3 (the first step is warm-up; s/step needs two gaps)")
     data = ensure_photos(args.cache_dir)
-    load_before = loadavg()
+    load_before, touch_before = loadavg(), first_touch_us()
     rows, notes, profiles = [], [], []
     for family in families:
         model = ensure_checkpoint(args.cache_dir, family, args.skip_generate)
@@ -567,10 +602,14 @@ def main(argv=None) -> None:
         for precision in precisions:
             tag = family if precision == "no" else f"{family} {precision}"
             try:
+                # bare runs before and after the training, so that a drift of the machine's speed over
+                # those minutes falls on both sides of the step / bare ratio
+                print(f"[{tag}] bare forward+backward, {args.iters} iterations...", flush=True)
+                before = measure_bare(family, model, args.iters, args.threads, precision)
                 print(f"[{tag}] training {args.steps} steps...", flush=True)
                 train = measure_training(family, model, data, args.steps, args.threads, mixed_precision=precision)
-                print(f"[{tag}] bare forward+backward, {args.iters} iterations...", flush=True)
-                bare = measure_bare(family, model, args.iters, args.threads, precision)
+                print(f"[{tag}] bare forward+backward again, {args.iters} iterations...", flush=True)
+                bare = merge_bare(before, measure_bare(family, model, args.iters, args.threads, precision))
             except OutOfMemory as e:
                 notes.append(str(e))
                 print(notes[-1], flush=True)
@@ -592,11 +631,12 @@ def main(argv=None) -> None:
             print(f"[{family}] profiling a 3-step run -> {report}", flush=True)
             result = measure_profile(family, model, data, 3, args.threads, report)
             profiles.append((family, result["buckets"]))
-    load_after = loadavg()
+    load_after, touch_after = loadavg(), first_touch_us()
     print()
     print(f"LoRA training benchmark, {datetime.date.today().isoformat()}, {os.cpu_count()} cores, "
           f"{args.threads} threads per child, Python {platform.python_version()}; {RESOLUTION} px, batch 1, dim 4, "
-          f"cached latents, {' and '.join('float32' if m == 'no' else m for m in precisions)}; load average {load_before:.2f} before, {load_after:.2f} after")
+          f"cached latents, {' and '.join('float32' if m == 'no' else m for m in precisions)}; load average {load_before:.2f} before, {load_after:.2f} after; "
+          f"first touch of a fresh page {touch_before:.2f} us before, {touch_after:.2f} us after")
     if max(load_before, load_after) > 0.5:
         print(f"WARNING: the machine was busy (load average up to {max(load_before, load_after):.2f} on "
               f"{os.cpu_count()} cores): absolute times are inflated; the step/bare ratio, measured side by "
