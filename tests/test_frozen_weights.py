@@ -85,14 +85,18 @@ def test_upcasting_layers_equal_float32_layers():
     assert torch.allclose(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["input_left", "weight_left"])
 @pytest.mark.parametrize("rows", [1, 77, 300])
-def test_frozen_linear_by_weight_row_blocks_matches_torch(rows, monkeypatch):
-    """Few rows take the weight-row-block path (several blocks here); many rows take F.linear. Either
-    way the output and input gradient are torch's, and fp16-held and float32 weights agree exactly."""
+def test_frozen_linear_by_weight_row_blocks_matches_torch(rows, layout, monkeypatch):
+    """Few rows take the weight-row-block path (several blocks here) in either layout; many rows take
+    F.linear. Either way the output and input gradient are torch's. Where blocks also serve float32
+    weights (weight_left), fp16-held and float32 weights agree exactly; on input_left a float32
+    weight has nothing to upcast and multiplies as it is."""
     from library import frozen_weights
     from library.frozen_weights import hold_in_half
 
     monkeypatch.setattr(frozen_weights, "_BLOCK_ELEMENTS", 16 * 24)  # 16-row blocks of a 24-wide weight
+    monkeypatch.setattr(frozen_weights, "_THIN_LAYOUT", layout)
     torch.manual_seed(0)
     half = torch.nn.Linear(24, 70).half().requires_grad_(False)
     full = copy.deepcopy(half).float()
@@ -100,15 +104,24 @@ def test_frozen_linear_by_weight_row_blocks_matches_torch(rows, monkeypatch):
     hold_in_half(held)
     hold_in_half(swapped)
     assert type(swapped) is frozen_weights.Linear and swapped.weight.dtype == torch.float32
+    blocked = frozen_weights._thin_cpu(rows, swapped.weight, torch.float32)
+    assert blocked == (rows <= frozen_weights._THIN_ROWS and layout == "weight_left")
+    assert frozen_weights._thin_cpu(rows, held.weight, torch.float32) == (rows <= frozen_weights._THIN_ROWS)
+    calls = []
+    block_mm = frozen_weights._thin_linear
+    monkeypatch.setattr(frozen_weights, "_thin_linear", lambda *a: calls.append(1) or block_mm(*a))
     x = torch.randn(rows, 24)
     inputs = [x.clone().requires_grad_(True) for _ in range(3)]
     outputs = [layer(v) for layer, v in zip((full, held, swapped), inputs)]
+    assert len(calls) == (rows <= frozen_weights._THIN_ROWS) + blocked
     grad = torch.randn_like(outputs[0])
     for out in outputs:
         out.backward(grad)
-    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(inputs[1].grad, inputs[0].grad, rtol=1e-5, atol=1e-6)
-    assert torch.equal(outputs[1], outputs[2]) and torch.equal(inputs[1].grad, inputs[2].grad)
+    for i in (1, 2):
+        torch.testing.assert_close(outputs[i], outputs[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(inputs[i].grad, inputs[0].grad, rtol=1e-5, atol=1e-6)
+    if layout == "weight_left":
+        assert torch.equal(outputs[1], outputs[2]) and torch.equal(inputs[1].grad, inputs[2].grad)
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
@@ -195,8 +208,13 @@ def test_bf16_on_cpu_holds_the_frozen_u_net_and_text_encoders_in_bf16(half_and_f
     a = safetensors_io.load_tensors(str(tmp_path / "bf16" / "lora.safetensors"))
     b = safetensors_io.load_tensors(str(tmp_path / "f32" / "lora.safetensors"))
     ups = [k for k in a if "lora_up" in k]
-    change = max(float(b[k].abs().max()) for k in ups)  # up factors start at zero: all of it was trained
-    assert change > 0 and max_diff({k: a[k] for k in ups}, {k: b[k] for k in ups}) <= 0.05 * change
+    # up factors start at zero, so all of them was trained. bf16's 8-bit mantissa over a few steps
+    # moves the whole set by a few per cent (relative norm: 5.6 % on an Intel CPU with AMX, where the
+    # tiny text encoder's q/k factors, with the smallest gradients, differ most); a run that trained
+    # something else, or nothing, is at 100 % or more
+    error = sum(float((a[k].float() - b[k].float()).square().sum()) for k in ups) ** 0.5
+    trained = sum(float(b[k].float().square().sum()) for k in ups) ** 0.5
+    assert trained > 0 and error <= 0.15 * trained
 
 
 @pytest.mark.parametrize("side,stride,batch,kernel", [(4, 1, 1, 3), (8, 2, 2, 3), (5, 1, 2, 1), (16, 1, 1, 3)])
