@@ -25,6 +25,10 @@ DreamBooth folder. For each family, in fresh child processes measured from outsi
   cannot avoid. step / bare near 1 means the loop adds almost nothing. The bare child runs once
   before and once after the training, and its iterations are pooled: this machine's speed drifts
   by 10-20 % over minutes, and bracketing puts that drift on both sides of the ratio.
+* plain bare (float32 only): the same iterations on stock layers with every weight in float32, as
+  a trainer that loads the model in float32 computes (twice the frozen weights' memory, no upcasts):
+  a side-by-side stand-in, on this machine, for the established trainer's float32 compute. It runs
+  between the two bare runs' halves (after the first bare run, before the training).
 
 Targets (issue): step / bare <= 1.05; against the established trainer on this machine (SD1.5: 4.6
 s/step, 53 s to the first step, 6.8 GiB peak RSS; SDXL: 9.1 s/step, 70 s, 19.9 GiB), step time no
@@ -37,7 +41,7 @@ step. On a busy machine run with `--threads 1`:
 with more OpenMP threads than free cores every parallel op waits for a descheduled thread (AdamW's
 per-tensor step over the SD1.5 LoRA went from 0.04 s to 2.7 s that way), and the CPU seconds per
 step, which other processes hardly change, give the step / bare ratio. `--profile` additionally runs a short
-training under cProfile and writes where a step's time goes to CACHE_DIR/profile-train-FAMILY.txt.
+training under cProfile and writes where a step's time goes to CACHE_DIR/profile-train-FAMILY[-bf16].txt.
 """
 
 from __future__ import annotations
@@ -305,9 +309,10 @@ def measure_training(family: str, model: str, data: str, steps: int, threads: in
                 first_step_only=done[0] - loop_start if loop_start is not None else None)
 
 
-def measure_bare(family: str, model: str, iters: int, threads: int, mixed_precision: str = "no") -> dict:
+def measure_bare(family: str, model: str, iters: int, threads: int, mixed_precision: str = "no",
+                 plain: bool = False) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "bare", "--family", family, "--path", model,
-           "--iters", str(iters), "--mixed_precision", mixed_precision]
+           "--iters", str(iters), "--mixed_precision", mixed_precision] + (["--plain"] if plain else [])
     watched = Watched(cmd, child_env(threads))
     result = watched.wait()
     if watched.killed_for_memory:
@@ -329,8 +334,9 @@ def merge_bare(before: dict, after: dict) -> dict:
     return merged
 
 
-def child_bare(family: str, path: str, iters: int, mixed_precision: str = "no") -> dict:
-    """Timed TE forward + U-Net forward + backward with the trainer's LoRA, outside the trainer."""
+def child_bare(family: str, path: str, iters: int, mixed_precision: str = "no", plain: bool = False) -> dict:
+    """Timed TE forward + U-Net forward + backward with the trainer's LoRA, outside the trainer; with
+    `plain`, on stock layers with float32 weights instead of the trainer's frozen layers."""
     import types
 
     import torch
@@ -345,7 +351,9 @@ def child_bare(family: str, path: str, iters: int, mixed_precision: str = "no") 
 
     start = time.perf_counter()
     bf16 = mixed_precision == "bf16"
-    if bf16:  # as the trainer holds them with --mixed_precision bf16: frozen weights in bf16, autocast
+    if plain:  # every weight a float32 copy, torch's own layers
+        models = load_models(path, sdxl=family == "sdxl", dtype=torch.float32)
+    elif bf16:  # as the trainer holds them with --mixed_precision bf16: frozen weights in bf16, autocast
         models = load_models(path, sdxl=family == "sdxl", dtype=torch.bfloat16)
     else:  # as the trainer holds them in a float32 run: frozen U-Net and text encoders in the file's dtype
         frozen = {part: None for part in ("unet", "text_encoder", "text_encoder_2")}
@@ -353,7 +361,7 @@ def child_bare(family: str, path: str, iters: int, mixed_precision: str = "no") 
     for module in [models.unet, models.vae, *models.text_encoders]:
         module.requires_grad_(False)
         module.eval()
-    for module in [models.unet, *models.text_encoders]:  # the frozen layers' CPU paths, as in the trainer
+    for module in [] if plain else [models.unet, *models.text_encoders]:  # the frozen layers, as in the trainer
         hold_in_half(module, torch.bfloat16 if bf16 else torch.float32)
     set_attention(models.unet, types.SimpleNamespace(), torch.device("cpu"))
     encoders = models.text_encoders if len(models.text_encoders) > 1 else models.text_encoders[0]
@@ -426,12 +434,12 @@ PROFILE_BUCKETS = (
 )
 
 
-def child_profile(family: str, model: str, data: str, steps: int, report: str) -> dict:
+def child_profile(family: str, model: str, data: str, steps: int, report: str, mixed_precision: str = "no") -> dict:
     import cProfile
     import pstats
 
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as out:
-        args = training_args(family, model, data, out, steps)
+        args = training_args(family, model, data, out, steps, mixed_precision=mixed_precision)
         sys.argv = args
         script = args[0]
         sys.path.insert(0, os.path.dirname(script))
@@ -448,7 +456,8 @@ def child_profile(family: str, model: str, data: str, steps: int, report: str) -
                 cumulative += cum
         buckets.append((label, calls, cumulative))
     with open(report, "w", encoding="utf-8") as f:
-        f.write(f"cProfile of {family} LoRA training, {steps} steps (profiling inflates Python-heavy parts)\n\n")
+        f.write(f"cProfile of {family} LoRA training, --mixed_precision {mixed_precision}, {steps} steps "
+                "(profiling inflates Python-heavy parts)\n\n")
         for label, calls, cumulative in buckets:
             f.write(f"{label:45s} {cumulative:9.2f} s  ({calls} calls)\n")
         f.write("\n")
@@ -458,9 +467,10 @@ def child_profile(family: str, model: str, data: str, steps: int, report: str) -
     return {"buckets": buckets}
 
 
-def measure_profile(family: str, model: str, data: str, steps: int, threads: int, report: str) -> dict:
+def measure_profile(family: str, model: str, data: str, steps: int, threads: int, report: str,
+                    mixed_precision: str = "no") -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "profile", "--family", family, "--path", model,
-           "--data", data, "--steps", str(steps), "--report", report]
+           "--data", data, "--steps", str(steps), "--report", report, "--mixed_precision", mixed_precision]
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(threads), capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"[{family}] profile run failed:\n{proc.stderr[-3000:]}")
@@ -477,6 +487,18 @@ def verdict(ok: bool) -> str:
 
 def family_label(family: str, mixed_precision: str) -> str:
     return {"sd1": "SD1.5", "sdxl": "SDXL"}[family] + ("" if mixed_precision == "no" else f" {mixed_precision}")
+
+
+def plain_rows(family: str, train: dict, plain: dict) -> list:
+    """The float32 step against the same compute on stock layers with float32 weights."""
+    label = family_label(family, "no")
+    return [
+        [f"{label} plain bare (stock layers, float32 weights), s (median of {len(plain['bare_all'])})",
+         f"{plain['bare_seconds']:.2f}", "-", "-", "-", "-"],
+        [f"{label} step / plain bare, wall median / median", f"{train['step_seconds'] / plain['bare_seconds']:.3f}",
+         "-", "-", "-", "-"],
+        [f"{label} plain bare peak RSS (VAE loaded), GiB", f"{plain['peak_rss'] / GIB:.2f}", "-", "-", "-", "-"],
+    ]
 
 
 def family_rows(family: str, train: dict, bare: dict, mixed_precision: str = "no") -> list:
@@ -557,9 +579,12 @@ def parse_args(argv=None):
     p.add_argument("--first_use", action="store_true",
                    help="also time a run with --cache_latents_on_first_use (first step and peak RSS)")
     p.add_argument("--profile", action="store_true",
-                   help="also profile a 3-step training; report in CACHE_DIR/profile-train-FAMILY.txt")
+                   help="also profile a 3-step training; report in CACHE_DIR/profile-train-FAMILY[-bf16].txt")
     # internal: one measurement in a fresh process
+    p.add_argument("--no_plain", action="store_true",
+                   help="skip the float32 plain bare run (stock layers, float32 weights)")
     p.add_argument("--child", choices=("bare", "profile"), help=argparse.SUPPRESS)
+    p.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--family", help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -572,9 +597,9 @@ def main(argv=None) -> None:
     if args.child:
         sys.path.insert(0, REPO)
         if args.child == "bare":
-            result = child_bare(args.family, args.path, args.iters, args.mixed_precision)
+            result = child_bare(args.family, args.path, args.iters, args.mixed_precision, args.plain)
         else:
-            result = child_profile(args.family, args.path, args.data, args.steps, args.report)
+            result = child_profile(args.family, args.path, args.data, args.steps, args.report, args.mixed_precision)
         print(json.dumps(result))
         return
     families = [f.strip() for f in args.families.split(",") if f.strip()]
@@ -606,6 +631,11 @@ def main(argv=None) -> None:
                 # those minutes falls on both sides of the step / bare ratio
                 print(f"[{tag}] bare forward+backward, {args.iters} iterations...", flush=True)
                 before = measure_bare(family, model, args.iters, args.threads, precision)
+                plain = None
+                if precision == "no" and not args.no_plain:
+                    print(f"[{tag}] plain bare forward+backward (float32 weights), {args.iters} iterations...",
+                          flush=True)
+                    plain = measure_bare(family, model, args.iters, args.threads, precision, plain=True)
                 print(f"[{tag}] training {args.steps} steps...", flush=True)
                 train = measure_training(family, model, data, args.steps, args.threads, mixed_precision=precision)
                 print(f"[{tag}] bare forward+backward again, {args.iters} iterations...", flush=True)
@@ -616,6 +646,11 @@ def main(argv=None) -> None:
                 continue
             rows += family_rows(family, train, bare, precision)
             notes.append(details(family, train, bare, precision))
+            if plain is not None:
+                rows += plain_rows(family, train, plain)
+                notes[-1] += (f"\n[{tag}] plain bare: load {plain['load_seconds']:.1f} s; all "
+                              + ", ".join(f"{x:.2f}" for x in plain["bare_all"]) + " s; CPU "
+                              + ", ".join(f"{x:.2f}" for x in plain["bare_cpu"]))
             print(notes[-1], flush=True)
             if args.first_use:
                 print(f"[{tag}] training {args.steps} steps with --cache_latents_on_first_use...", flush=True)
@@ -626,11 +661,12 @@ def main(argv=None) -> None:
                              f"(loop start {lazy['loop_start']:.1f} s); step gaps "
                              + ", ".join(f"{g:.2f}" for g in lazy["step_gaps"]) + " s (epoch 1: they include encodes)")
                 print(notes[-1], flush=True)
-        if args.profile:
-            report = os.path.join(args.cache_dir, f"profile-train-{family}.txt")
-            print(f"[{family}] profiling a 3-step run -> {report}", flush=True)
-            result = measure_profile(family, model, data, 3, args.threads, report)
-            profiles.append((family, result["buckets"]))
+        for precision in precisions if args.profile else ():
+            tag = family if precision == "no" else f"{family} {precision}"
+            report = os.path.join(args.cache_dir, f"profile-train-{tag.replace(' ', '-')}.txt")
+            print(f"[{tag}] profiling a 3-step run -> {report}", flush=True)
+            result = measure_profile(family, model, data, 3, args.threads, report, precision)
+            profiles.append((tag, result["buckets"]))
     load_after, touch_after = loadavg(), first_touch_us()
     print()
     print(f"LoRA training benchmark, {datetime.date.today().isoformat()}, {os.cpu_count()} cores, "

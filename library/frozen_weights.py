@@ -70,11 +70,13 @@ def _upcast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # Which side of the product the block goes on depends on the CPU's BLAS kernels. On AMD, `W_block @
 # x.T` into the transposed output ran 1.3-2.4x faster than `F.linear` on the full upcast weight for
 # SDXL's 64-token blocks and the text encoders' 77 tokens (and no faster at 1024 rows). On Intel
-# (Sapphire Rapids, MKL) `x @ W_block.T` into column blocks of the output was the faster layout:
+# (a Xeon with AMX, MKL) `x @ W_block.T` into column blocks of the output was the faster layout:
 # an SDXL float32 step with fp16-held weights took 14.7 s instead of 16.5 s (median of 5, interleaved),
 # and with weights already float32, where there is nothing to upcast, plain `F.linear` was best.
 _THIN_ROWS = 256
-_BLOCK_ELEMENTS = 1 << 20  # about 4 MB of float32 weight per block
+# about 4 MB of float32 weight per block; on the Intel CPU, blocks of 1/4 and 1/2 that size made the
+# SDXL step slower (16.9 and 15.3 s against 14.1 s, median of 5, interleaved): more, smaller products
+_BLOCK_ELEMENTS = 1 << 20
 
 
 def _cpu_vendor() -> str:
