@@ -65,7 +65,8 @@ def autocast(device: torch.device, precision: Precision):
 
 
 def set_attention(unet, args, device: torch.device) -> str:
-    """SDPA by default; xformers when asked, installed and on CUDA; otherwise one warning and SDPA."""
+    """SDPA by default (on CPU with short half-precision attention in float32, `library/cpu_attention.py`);
+    xformers when asked, installed and on CUDA; otherwise one warning and SDPA."""
     if getattr(args, "xformers", False):
         if device.type == "cuda" and importlib.util.find_spec("xformers") is not None:
             unet.enable_xformers_memory_efficient_attention()
@@ -74,7 +75,12 @@ def set_attention(unet, args, device: torch.device) -> str:
         logger.warning("--xformers: %s; using PyTorch SDPA attention", reason)
     elif getattr(args, "mem_eff_attn", False):
         logger.info("--mem_eff_attn: PyTorch SDPA attention already uses memory-efficient kernels")
-    from diffusers.models.attention_processor import AttnProcessor2_0
+    if device.type == "cpu":  # the same SDPA, with short half-precision attention in float32
+        from library.cpu_attention import CpuAttnProcessor
 
-    unet.set_attn_processor(AttnProcessor2_0())
+        unet.set_attn_processor(CpuAttnProcessor())
+    else:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
     return "sdpa"
