@@ -580,9 +580,9 @@ def parse_args(argv=None):
                    help="also time a run with --cache_latents_on_first_use (first step and peak RSS)")
     p.add_argument("--profile", action="store_true",
                    help="also profile a 3-step training; report in CACHE_DIR/profile-train-FAMILY[-bf16].txt")
-    # internal: one measurement in a fresh process
     p.add_argument("--no_plain", action="store_true",
                    help="skip the float32 plain bare run (stock layers, float32 weights)")
+    # internal: one measurement in a fresh process
     p.add_argument("--child", choices=("bare", "profile"), help=argparse.SUPPRESS)
     p.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--family", help=argparse.SUPPRESS)
