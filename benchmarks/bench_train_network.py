@@ -611,9 +611,22 @@ def main(argv=None) -> None:
         raise SystemExit(f"--mixed_precision {args.mixed_precision}: choose from no, bf16 (comma-separated)")
     if args.steps < 3:
         raise SystemExit("--steps must be at least 3 (the first step is warm-up; s/step needs two gaps)")
+    rows, notes, profiles = [], [], []
+    if "bf16" in precisions:
+        # asked in a child, so that this process stays without torch
+        probe = ("import torch; from library.device_setup import cpu_has_fast_bf16; "
+                 "print(cpu_has_fast_bf16(), torch.backends.cpu.get_cpu_capability())")
+        fast, capability = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
+                                          check=True).stdout.split()
+        if fast != "True":  # the trainer would run float32, and the bare bf16 loop take hours
+            precisions.remove("bf16")
+            notes.append(f"bf16 skipped: this CPU ({capability}) has no bf16 kernels, where --mixed_precision bf16 "
+                         "trains in float32 (docs/training-runs.md)")
+            print(notes[-1], flush=True)
+            if not precisions:
+                raise SystemExit(notes[-1])
     data = ensure_photos(args.cache_dir)
     load_before, touch_before = loadavg(), first_touch_us()
-    rows, notes, profiles = [], [], []
     for family in families:
         model = ensure_checkpoint(args.cache_dir, family, args.skip_generate)
         if model is None:

@@ -72,6 +72,7 @@ def main(argv=None):
     from library.errors import UserError
     from library.cache_settings import disk_location
     from library.cache_tools import detect_model_family, image_sizes, load_vae_for_caching, plan_centre_crops
+    from tools.cache_latents import vae_dtype
     from library.latent_cache import LatentCache, LatentSample, with_flips
     from library.metadata_json import image_key, list_images, read_metadata, write_metadata
 
@@ -95,10 +96,9 @@ def main(argv=None):
         entry["image_size"] = [int(size[0]), int(size[1])]
 
     family = detect_model_family(args.model_name_or_path)
-    dtype = torch.float32 if args.no_half_vae else {"no": torch.float32, "fp16": torch.float16,
-                                                     "bf16": torch.bfloat16}[args.mixed_precision]
-    vae = load_vae_for_caching(args.model_name_or_path, family, args.vae, dtype)
-    vae.to(torch.device("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vae = load_vae_for_caching(args.model_name_or_path, family, args.vae, vae_dtype(args, device))
+    vae.to(device).eval()
     samples = [LatentSample(path, plan, False, args.alpha_mask) for path, plan in zip(images, plans)]
     if args.flip_aug:
         samples = with_flips(samples)

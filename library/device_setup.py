@@ -2,10 +2,12 @@
 
 CUDA-only features asked for on a machine without them (fp16 autocast, xformers, fp8) degrade
 with one warning line each and the run goes on: the same command works on a laptop and a GPU box.
+So does bf16 on a CPU without bf16 kernels (`bf16_or_float32`).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -37,8 +39,35 @@ def make_accelerator(args):
     return Accelerator(mixed_precision="no", gradient_accumulation_steps=1, kwargs_handlers=kwargs, cpu=not torch.cuda.is_available())
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_has_fast_bf16() -> bool:
+    """Whether PyTorch has vectorised bf16 kernels for this CPU (oneDNN's: AVX512 or AMX on x86,
+    BF16 on ARM). Without them bf16 products and convolutions fall to scalar code: on an AVX2 CPU
+    a 320-channel 3x3 convolution at 32x32 took 2.5 s against 16 ms in float32, and a 1024x1024
+    product ran at 0.8 against 105 GFLOP/s."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without the check: trust the request
+        return True
+
+
+def bf16_or_float32(device: torch.device, flag: str, doing: str) -> torch.dtype:
+    """bf16, or float32 with one warning where `device` is a CPU without bf16 kernels."""
+    if device.type == "cpu" and not cpu_has_fast_bf16():
+        logger.warning(
+            "%s: this CPU (%s) has no bf16 kernels, so bf16 math would run 100x slower than float32; %s in float32 "
+            "instead", flag, torch.backends.cpu.get_cpu_capability(), doing,
+        )
+        return torch.float32
+    return torch.bfloat16
+
+
 def resolve_precision(args, device: torch.device) -> Precision:
     wanted = args.mixed_precision or "no"
+    if wanted == "bf16" and bf16_or_float32(device, "--mixed_precision bf16", "training") == torch.float32:
+        wanted = "no"
+        if getattr(args, "full_bf16", False):
+            args.full_bf16 = False  # the warning above says it: everything is float32
     if wanted == "fp16" and device.type != "cuda":
         logger.warning("--mixed_precision fp16 needs CUDA; training in float32 on %s instead", device.type)
         wanted = "no"

@@ -24,14 +24,16 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_dtype(args, device: torch.device) -> torch.dtype:
-    """--fp16 needs CUDA (one warning, float32 on CPU); --bf16 works everywhere."""
+    """--fp16 needs CUDA (one warning, float32 on CPU); --bf16 works where the device has bf16 kernels."""
     if args.fp16 or args.full_fp16:
         if device.type != "cuda":
             logger.warning("--fp16 needs CUDA; generating in float32 on %s instead", device.type)
             return torch.float32
         return torch.float16
     if args.bf16 or args.full_bf16:
-        return torch.bfloat16
+        from library.device_setup import bf16_or_float32
+
+        return bf16_or_float32(device, "--bf16", "generating")
     return torch.float32
 
 

@@ -187,11 +187,14 @@ def test_embedding_on_an_fp16_file_equals_float32_training(half_and_full, photo_
     assert max_diff(a, b) <= 1e-6
 
 
-def test_bf16_on_cpu_holds_the_frozen_u_net_and_text_encoders_in_bf16(half_and_full, photo_dir, tmp_path):
-    """--mixed_precision bf16 on CPU: the frozen U-Net and text encoders are read in bf16 (as sd-scripts
-    holds them) and computed in bf16 through the frozen layers' CPU paths; the VAE is left plain. The
-    LoRA it trains is the float32 run's to bf16 accuracy."""
+def test_bf16_on_cpu_holds_the_frozen_u_net_and_text_encoders_in_bf16(half_and_full, photo_dir, tmp_path, monkeypatch):
+    """--mixed_precision bf16 on a CPU with bf16 kernels: the frozen U-Net and text encoders are read in
+    bf16 (as sd-scripts holds them) and computed in bf16 through the frozen layers' CPU paths; the VAE
+    is left plain. The LoRA it trains is the float32 run's to bf16 accuracy."""
+    from library import device_setup
     from library.frozen_weights import compute_dtype, is_held_in_half, uses_frozen_layers
+
+    monkeypatch.setattr(device_setup, "cpu_has_fast_bf16", lambda: True)  # the tiny model is quick either way
 
     half, _ = half_and_full["sd1"]
     prompts = tmp_path / "prompts.txt"

@@ -187,8 +187,11 @@ def test_fine_tune_without_latent_cache_saves_a_diffusers_folder(tiny_checkpoint
     assert max_diff(saved["vae"], original["vae"]) == 0
 
 
-def test_fine_tune_mixed_precision_starts_from_the_exact_float32_base(tiny_checkpoint, photo_dir, tmp_path):
+def test_fine_tune_mixed_precision_starts_from_the_exact_float32_base(tiny_checkpoint, photo_dir, tmp_path, monkeypatch):
     """Trained parts are float32 copies of the file, not bf16-rounded ones; frozen ones stay bf16."""
+    from library import device_setup
+
+    monkeypatch.setattr(device_setup, "cpu_has_fast_bf16", lambda: True)  # as on a CPU with bf16 kernels
     base = tiny_checkpoint("sd1")
     run = train("fine_tune", ft_args(base, photo_dir, tmp_path, "--max_train_steps", "1", "--mixed_precision", "bf16",
                                      "--learning_rate", "1e-30", "--max_grad_norm", "0", "--cache_latents"))

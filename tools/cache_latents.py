@@ -47,10 +47,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def vae_dtype(args):
+def model_dtype(args, device):
+    """The models' dtype for --mixed_precision on `device`, as a training run resolves bf16 there."""
     import torch
 
-    return torch.float32 if args.no_half_vae else getattr(torch, DTYPES[args.mixed_precision])
+    if args.mixed_precision == "bf16":
+        from library.device_setup import bf16_or_float32
+
+        return bf16_or_float32(device, "--mixed_precision bf16", "encoding")
+    return getattr(torch, DTYPES[args.mixed_precision])
+
+
+def vae_dtype(args, device):
+    import torch
+
+    return torch.float32 if args.no_half_vae else model_dtype(args, device)
 
 
 def load_config(args, family):
@@ -81,13 +92,14 @@ def main(argv=None):
     settings = CacheSettings.from_args(args)
     family = detect_family(args)
     config = load_config(args, family)
-    vae = load_vae_for_caching(args.pretrained_model_name_or_path, family, args.vae, vae_dtype(args))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = vae_dtype(args, device)
+    vae = load_vae_for_caching(args.pretrained_model_name_or_path, family, args.vae, dtype)
     vae.to(device).eval()
 
     items = collect_cache_items(config, num_workers=max(1, min(4, os.cpu_count() or 1)))
     samples = latent_samples_of(items)
-    print(f"{len(items)} images, {len(samples)} latent samples ({family.title}, VAE {vae_dtype(args)}, {device})")
+    print(f"{len(items)} images, {len(samples)} latent samples ({family.title}, VAE {dtype}, {device})")
     cache = LatentCache(vae, family, disk_location(args.cache_dir), settings.vae_batch_size,
                         skip_check=settings.skip_check, load_workers=args.max_data_loader_n_workers)
     stats = cache.ensure(samples)

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from library.cli import run  # noqa: E402
 from library.dataset_flags import add_config_arguments, add_dataset_arguments  # noqa: E402
 from library.cache_settings import add_cache_arguments  # noqa: E402
-from tools.cache_latents import DTYPES, add_model_flags, detect_family, load_config  # noqa: E402
+from tools.cache_latents import add_model_flags, detect_family, load_config, model_dtype  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,11 +59,11 @@ def main(argv=None):
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
 
-    dtype = getattr(torch, DTYPES[args.mixed_precision])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = model_dtype(args, device)
     models = load_models(args.pretrained_model_name_or_path, v2=True if args.v2 else None,
                          sdxl=True if args.sdxl else None, dtype=dtype)
     del models.unet, models.vae  # only the text side is needed
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     encoders = [e.to(device).eval() for e in models.text_encoders]
     tokenizers = load_tokenizers(family, args.pretrained_model_name_or_path, args.tokenizer_cache_dir)
     conditioner = TextConditioner(family, tokenizers, encoders)
