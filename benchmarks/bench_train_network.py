@@ -2,7 +2,7 @@
 first step, and peak memory, for an SD1.5-size and an SDXL-size model.
 
     python benchmarks/bench_train_network.py [--families sd1,sdxl] [--steps 6] [--mixed_precision no,bf16]
-        [--first_use] [--profile]
+        [--first_use] [--profile] [--no_plain] [--no_interleaved]
 
 Settings (from the issue): 256 px, batch 1, LoRA dim 4 (alpha 1), cached latents, on CPU in float32
 (`--mixed_precision no`, the default) and/or with `--mixed_precision bf16`,
@@ -25,6 +25,10 @@ DreamBooth folder. For each family, in fresh child processes measured from outsi
   cannot avoid. step / bare near 1 means the loop adds almost nothing. The bare child runs once
   before and once after the training, and its iterations are pooled: this machine's speed drifts
   by 10-20 % over minutes, and bracketing puts that drift on both sides of the ratio.
+* interleaved: the training script's own `main()` in one process, with one bare iteration on the
+  trainer's own models and LoRA after every finished step (train_children.py). Steps and bare
+  iterations alternate within seconds, so the machine's drift, which moves the separate processes'
+  ratio by several per cent, falls on both alike: the closest measure of what the loop adds.
 * plain bare (float32 only): the same iterations on stock layers with every weight in float32, as
   a trainer that loads the model in float32 computes (twice the frozen weights' memory, no upcasts):
   a side-by-side stand-in, on this machine, for the established trainer's float32 compute. It runs
@@ -62,10 +66,10 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_checkpoints import checkpoint_path, ensure_checkpoint  # noqa: E402,F401
+from train_children import RESOLUTION, training_args  # noqa: E402
 GIB = 1024 ** 3
 FAMILIES = ("sd1", "sdxl")
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
-RESOLUTION = 256
 
 # the established trainer on this machine, same settings (from the issue)
 REFERENCE = {
@@ -272,17 +276,6 @@ def child_env(threads: int) -> dict:
 # the measurements
 
 
-def training_args(family: str, model: str, data: str, out: str, steps: int, extra=(), mixed_precision="no") -> list:
-    script = "sdxl_train_network.py" if family == "sdxl" else "train_network.py"
-    return [
-        os.path.join(REPO, script), "--pretrained_model_name_or_path", model, "--train_data_dir", data,
-        "--output_dir", out, "--output_name", "bench", "--resolution", str(RESOLUTION), "--train_batch_size", "1",
-        "--caption_extension", ".txt", "--network_module", "networks.lora", "--network_dim", "4",
-        "--network_alpha", "1", "--learning_rate", "1e-4", "--seed", "0", "--cache_latents",
-        "--max_train_steps", str(steps), "--mixed_precision", mixed_precision, *extra,
-    ]
-
-
 def measure_training(family: str, model: str, data: str, steps: int, threads: int, extra=(),
                      mixed_precision: str = "no") -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as out:
@@ -309,18 +302,30 @@ def measure_training(family: str, model: str, data: str, steps: int, threads: in
                 first_step_only=done[0] - loop_start if loop_start is not None else None)
 
 
-def measure_bare(family: str, model: str, iters: int, threads: int, mixed_precision: str = "no",
-                 plain: bool = False) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", "bare", "--family", family, "--path", model,
-           "--iters", str(iters), "--mixed_precision", mixed_precision] + (["--plain"] if plain else [])
+def run_child(kind: str, family: str, threads: int, options: list) -> dict:
+    """Run `--child KIND` of this script, watched like a training; its JSON result with the kernel's counts."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--family", family, *options]
     watched = Watched(cmd, child_env(threads))
     result = watched.wait()
     if watched.killed_for_memory:
-        raise OutOfMemory(f"[{family}] bare run stopped with MemAvailable under {MIN_AVAILABLE / GIB:.0f} GiB; "
+        raise OutOfMemory(f"[{family}] {kind} run stopped with MemAvailable under {MIN_AVAILABLE / GIB:.0f} GiB; "
                           f"its peak RSS had reached {result['peak_rss'] / GIB:.2f} GiB")
     if result["returncode"] != 0:
-        raise SystemExit(f"[{family}] bare run failed ({result['returncode']}):\n{watched.log_tail()}")
+        raise SystemExit(f"[{family}] {kind} run failed ({result['returncode']}):\n{watched.log_tail()}")
     return dict(result, **json.loads(watched.stdout.decode().strip().splitlines()[-1]))
+
+
+def measure_bare(family: str, model: str, iters: int, threads: int, mixed_precision: str = "no",
+                 plain: bool = False) -> dict:
+    return run_child("bare", family, threads, ["--path", model, "--iters", str(iters), "--mixed_precision",
+                                               mixed_precision] + (["--plain"] if plain else []))
+
+
+def measure_interleaved(family: str, model: str, data: str, steps: int, threads: int,
+                        mixed_precision: str = "no") -> dict:
+    """The trainer's loop with a bare iteration after each step, in one process (train_children.py)."""
+    return run_child("interleaved", family, threads, ["--path", model, "--data", data, "--steps", str(steps),
+                                                      "--mixed_precision", mixed_precision])
 
 
 def merge_bare(before: dict, after: dict) -> dict:
@@ -334,137 +339,8 @@ def merge_bare(before: dict, after: dict) -> dict:
     return merged
 
 
-def child_bare(family: str, path: str, iters: int, mixed_precision: str = "no", plain: bool = False) -> dict:
-    """Timed TE forward + U-Net forward + backward with the trainer's LoRA, outside the trainer; with
-    `plain`, on stock layers with float32 weights instead of the trainer's frozen layers."""
-    import types
-
-    import torch
-
-    import networks.lora
-    from library.device_setup import set_attention
-    from library.model_loading import load_models
-    from library.text_encoding import TextConditioner, training_clip_skip
-    from library.tokenizer import load_tokenizers
-
-    from library.frozen_weights import hold_in_half
-
-    start = time.perf_counter()
-    bf16 = mixed_precision == "bf16"
-    if plain:  # every weight a float32 copy, torch's own layers
-        models = load_models(path, sdxl=family == "sdxl", dtype=torch.float32)
-    elif bf16:  # as the trainer holds them with --mixed_precision bf16: frozen weights in bf16, autocast
-        models = load_models(path, sdxl=family == "sdxl", dtype=torch.bfloat16)
-    else:  # as the trainer holds them in a float32 run: frozen U-Net and text encoders in the file's dtype
-        frozen = {part: None for part in ("unet", "text_encoder", "text_encoder_2")}
-        models = load_models(path, sdxl=family == "sdxl", dtype=torch.float32, part_dtypes=frozen)
-    for module in [models.unet, models.vae, *models.text_encoders]:
-        module.requires_grad_(False)
-        module.eval()
-    for module in [] if plain else [models.unet, *models.text_encoders]:  # the frozen layers, as in the trainer
-        hold_in_half(module, torch.bfloat16 if bf16 else torch.float32)
-    set_attention(models.unet, types.SimpleNamespace(), torch.device("cpu"))
-    encoders = models.text_encoders if len(models.text_encoders) > 1 else models.text_encoders[0]
-    network = networks.lora.create_network(1.0, 4, 1, models.vae, encoders, models.unet)
-    network.apply_to(encoders, models.unet, True, True)
-    network.train()
-    conditioner = TextConditioner(models.family, load_tokenizers(models.family, path), models.text_encoders)
-    clip_skip, _ = training_clip_skip(models.family, None)
-    ids = conditioner.tokenize(["a photo of astronaut"])
-    load_seconds = time.perf_counter() - start
-
-    generator = torch.Generator().manual_seed(0)
-    size = RESOLUTION // 8
-    latents = torch.randn(1, 4, size, size, generator=generator)
-    noise = torch.randn(latents.shape, generator=generator)
-    timesteps = torch.tensor([500])
-    noisy = latents * 0.7 + noise * 0.7
-    time_ids = torch.tensor([[RESOLUTION, RESOLUTION, 0, 0, RESOLUTION, RESOLUTION]], dtype=torch.float32)
-    rows = []
-    cpu = []
-    for _ in range(iters + 1):  # the first iteration warms up allocators and kernels; not counted
-        c0 = time.process_time()
-        t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            cond = conditioner.encode_tokens(ids, clip_skip)
-            t1 = time.perf_counter()
-            kwargs = {}
-            if models.family.is_sdxl:
-                kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": time_ids}
-            pred = models.unet(noisy.to(models.unet.dtype), timesteps, cond.context, **kwargs).sample
-        loss = torch.nn.functional.mse_loss(pred.float(), noise)
-        t2 = time.perf_counter()
-        loss.backward()
-        t3 = time.perf_counter()
-        network.zero_grad(set_to_none=True)
-        rows.append((t1 - t0, t2 - t1, t3 - t2, t3 - t0))
-        cpu.append(time.process_time() - c0)
-    rows, cpu = rows[1:], cpu[1:]
-    te, unet, backward, total = (statistics.median(column) for column in zip(*rows))
-    return {"load_seconds": load_seconds, "te_forward": te, "unet_forward": unet, "backward": backward,
-            "bare_seconds": total, "bare_all": [r[3] for r in rows], "bare_cpu": cpu, "threads": torch.get_num_threads()}
-
-
 # ---------------------------------------------------------------------------------------------
 # profiling one short training run
-
-
-PROFILE_BUCKETS = (
-    # (label, function name as pstats shows it, file suffix); cumulative times
-    ("whole run (train)", "train", "library/trainer.py"),
-    ("  set-up: prepare_run", "prepare_run", "library/trainer.py"),
-    ("    load_models", "load_models", "library/model_loading.py"),
-    ("    latent caching (attach_caches)", "attach_caches", "library/training_caches.py"),
-    ("    task.setup (LoRA create/apply)", "setup", "library/task_network.py"),
-    ("  steps: micro_step_loss", "micro_step_loss", "library/trainer.py"),
-    ("    text encoder (_conditioning)", "_conditioning", "library/trainer.py"),
-    ("    U-Net forward", "forward", "diffusers/models/unets/unet_2d_condition.py"),
-    ("    loss (compute_loss)", "compute_loss", "library/losses.py"),
-    ("  steps: backward", "backward", "torch/_tensor.py"),
-    ("  steps: _sync_gradients", "_sync_gradients", "library/trainer.py"),
-    ("  steps: clip_grad_norm_", "clip_grad_norm_", "torch/nn/utils/clip_grad.py"),
-    ("  steps: optimizer step (Adam.step)", "step", "torch/optim/adam.py"),
-    ("  steps: lr scheduler step", "step", "torch/optim/lr_scheduler.py"),
-    ("  steps: zero_grad", "zero_grad", "torch/optim/optimizer.py"),
-    ("  steps: batch loading (load_batch)", "load_batch", "library/train_dataset.py"),
-    ("  steps: DataLoader (__next__)", "__next__", "torch/utils/data/dataloader.py"),
-    ("  steps: logging (TrainLogger.step)", "step", "library/train_logging.py"),
-    ("  steps: LoRA module forwards (python)", "forward", "networks/lora_layers.py"),
-    ("  final save (_save_point)", "_save_point", "library/trainer.py"),
-)
-
-
-def child_profile(family: str, model: str, data: str, steps: int, report: str, mixed_precision: str = "no") -> dict:
-    import cProfile
-    import pstats
-
-    with tempfile.TemporaryDirectory(prefix="bench-profile-") as out:
-        args = training_args(family, model, data, out, steps, mixed_precision=mixed_precision)
-        sys.argv = args
-        script = args[0]
-        sys.path.insert(0, os.path.dirname(script))
-        module = __import__(os.path.splitext(os.path.basename(script))[0])
-        profiler = cProfile.Profile()
-        profiler.runcall(module.main, args[1:])
-    stats = pstats.Stats(profiler)
-    buckets = []
-    for label, name, suffix in PROFILE_BUCKETS:
-        calls, cumulative = 0, 0.0
-        for (file, _, function), (_, ncalls, _, cum, _) in stats.stats.items():
-            if function == name and file.replace(os.sep, "/").endswith(suffix):
-                calls += ncalls
-                cumulative += cum
-        buckets.append((label, calls, cumulative))
-    with open(report, "w", encoding="utf-8") as f:
-        f.write(f"cProfile of {family} LoRA training, --mixed_precision {mixed_precision}, {steps} steps "
-                "(profiling inflates Python-heavy parts)\n\n")
-        for label, calls, cumulative in buckets:
-            f.write(f"{label:45s} {cumulative:9.2f} s  ({calls} calls)\n")
-        f.write("\n")
-        for key in ("cumulative", "tottime"):
-            f.write(f"--- sorted by {key} ---\n")
-            pstats.Stats(profiler, stream=f).sort_stats(key).print_stats(40)
-    return {"buckets": buckets}
 
 
 def measure_profile(family: str, model: str, data: str, steps: int, threads: int, report: str,
@@ -515,15 +391,35 @@ def family_rows(family: str, train: dict, bare: dict, mixed_precision: str = "no
          f"{step / ref['step']:.2f}x", "<= 1.00x", verdict(step <= ref["step"])],
         [f"{label} bare TE fwd + U-Net fwd+bwd, s (median of {len(bare['bare_all'])})", f"{bare['bare_seconds']:.2f}",
          "-", "-", "-", "-"],
-        [f"{label} step / bare, wall median / median (min / min)", f"{ratio:.3f} ({ratio_min:.3f})", "-", "-",
+        [f"{label} step / bare, separate processes, wall median / median (min / min)", f"{ratio:.3f} ({ratio_min:.3f})", "-", "-",
          f"<= {STEP_OVER_BARE}", verdict(ratio <= STEP_OVER_BARE)],
-        [f"{label} step / bare in CPU seconds, median", f"{cpu_ratio:.3f}", "-", "-", f"<= {STEP_OVER_BARE}",
+        [f"{label} step / bare, separate processes, CPU seconds, median", f"{cpu_ratio:.3f}", "-", "-", f"<= {STEP_OVER_BARE}",
          verdict(cpu_ratio <= STEP_OVER_BARE)],
         [f"{label} launch to first finished step, s", f"{first:.1f}", f"{ref['first']:.0f}",
          f"{first / ref['first']:.2f}x", f"<= {FIRST_FACTOR}x", verdict(first <= FIRST_FACTOR * ref["first"])],
         [f"{label} peak RSS of the trainer, GiB", f"{rss:.2f}", f"{ref['rss']:.1f}", f"{rss / ref['rss']:.2f}x",
          f"<= {RSS_FACTOR}x", verdict(rss <= RSS_FACTOR * ref["rss"])],
         [f"{label} peak PSS of the process tree (polled), GiB", f"{train['tree_peak'] / GIB:.2f}", "-", "-", "-", "-"],
+    ]
+
+
+def interleaved_rows(family: str, mixed: dict, mixed_precision: str = "no") -> list:
+    """Step / bare with steps and bare iterations alternating in one training process.
+
+    Each step is paired with the bare iteration that follows it, seconds later; the median of the
+    pairs' ratios is what the target is judged on, as a burst of load from elsewhere slows both of
+    a pair alike. The ratio of the two medians is shown beside it."""
+    label = family_label(family, mixed_precision)
+    pairs = list(zip(mixed["step_all"], mixed["bare_all"]))
+    paired = statistics.median(s / b for s, b in pairs)
+    step, bare = statistics.median(mixed["step_all"]), statistics.median(mixed["bare_all"])
+    cpu_paired = statistics.median(s / b for s, b in zip(mixed["step_cpu"], mixed["bare_cpu"]))
+    return [
+        [f"{label} interleaved in one process: step / bare, median of {len(pairs)} pairs (median / median)",
+         f"{paired:.3f} ({step:.2f} / {bare:.2f} s = {step / bare:.3f})", "-", "-", f"<= {STEP_OVER_BARE}",
+         verdict(paired <= STEP_OVER_BARE)],
+        [f"{label} interleaved in one process: step / bare in CPU seconds, median of pairs", f"{cpu_paired:.3f}",
+         "-", "-", f"<= {STEP_OVER_BARE}", verdict(cpu_paired <= STEP_OVER_BARE)],
     ]
 
 
@@ -582,8 +478,10 @@ def parse_args(argv=None):
                    help="also profile a 3-step training; report in CACHE_DIR/profile-train-FAMILY[-bf16].txt")
     p.add_argument("--no_plain", action="store_true",
                    help="skip the float32 plain bare run (stock layers, float32 weights)")
+    p.add_argument("--no_interleaved", action="store_true",
+                   help="skip the run that alternates training steps and bare iterations in one process")
     # internal: one measurement in a fresh process
-    p.add_argument("--child", choices=("bare", "profile"), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=("bare", "interleaved", "profile"), help=argparse.SUPPRESS)
     p.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--family", help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
@@ -596,10 +494,16 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.child:
         sys.path.insert(0, REPO)
+        import train_children
+
         if args.child == "bare":
-            result = child_bare(args.family, args.path, args.iters, args.mixed_precision, args.plain)
+            result = train_children.child_bare(args.family, args.path, args.iters, args.mixed_precision, args.plain)
+        elif args.child == "interleaved":
+            result = train_children.child_interleaved(args.family, args.path, args.data, args.steps,
+                                                      args.mixed_precision)
         else:
-            result = child_profile(args.family, args.path, args.data, args.steps, args.report, args.mixed_precision)
+            result = train_children.child_profile(args.family, args.path, args.data, args.steps, args.report,
+                                                  args.mixed_precision)
         print(json.dumps(result))
         return
     families = [f.strip() for f in args.families.split(",") if f.strip()]
@@ -653,12 +557,22 @@ def main(argv=None) -> None:
                 train = measure_training(family, model, data, args.steps, args.threads, mixed_precision=precision)
                 print(f"[{tag}] bare forward+backward again, {args.iters} iterations...", flush=True)
                 bare = merge_bare(before, measure_bare(family, model, args.iters, args.threads, precision))
+                mixed = None
+                if not args.no_interleaved:
+                    print(f"[{tag}] training {args.steps} steps with a bare iteration after each, in one process...",
+                          flush=True)
+                    mixed = measure_interleaved(family, model, data, args.steps, args.threads, precision)
             except OutOfMemory as e:
                 notes.append(str(e))
                 print(notes[-1], flush=True)
                 continue
             rows += family_rows(family, train, bare, precision)
             notes.append(details(family, train, bare, precision))
+            if mixed is not None:
+                rows += interleaved_rows(family, mixed, precision)
+                notes[-1] += (f"\n[{tag}] interleaved in one process: steps "
+                              + ", ".join(f"{x:.2f}" for x in mixed["step_all"]) + " s, bare iterations "
+                              + ", ".join(f"{x:.2f}" for x in mixed["bare_all"]) + " s")
             if plain is not None:
                 rows += plain_rows(family, train, plain)
                 notes[-1] += (f"\n[{tag}] plain bare: load {plain['load_seconds']:.1f} s; all "

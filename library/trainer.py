@@ -427,24 +427,26 @@ def micro_step_loss(run: Run, task: Task, batch: dict, generator: torch.Generato
 def _sync_gradients(run: Run, params: List[torch.Tensor], micro_batches: int) -> None:
     """Average gradients over micro-batches and processes (an explicit all-reduce, so any module
     layout works, patched forwards included)."""
-    count = torch.tensor([float(micro_batches)], device=run.device)
     for p in params:
         if p.grad is None:  # every process must reduce the same tensors, even with no batch this step
             p.grad = torch.zeros_like(p)
     grads = [p.grad for p in params]
+    count = float(micro_batches)
     if run.num_processes > 1:
         import torch.distributed as dist
 
         flat = torch.cat([g.reshape(-1) for g in grads]) if grads else torch.zeros(0, device=run.device)
         dist.all_reduce(flat)
-        dist.all_reduce(count)
+        counts = torch.tensor([count], device=run.device)
+        dist.all_reduce(counts)
+        count = counts.item()
         offset = 0
         for g in grads:
             n = g.numel()
             g.copy_(flat[offset:offset + n].view_as(g))
             offset += n
-    for g in grads:
-        g.div_(max(1.0, count.item()))
+    if count > 1 and grads:  # one batch in all: the sum is the mean already
+        torch._foreach_div_(grads, count)
 
 
 # ---------------------------------------------------------------------------------------------
