@@ -53,7 +53,6 @@ class BareIteration:
     def __init__(self, family, unet, conditioner, clip_skip, trainable: list, bf16: bool):
         import torch
 
-        self.torch = torch
         self.family, self.unet, self.conditioner, self.clip_skip = family, unet, conditioner, clip_skip
         self.trainable, self.bf16 = trainable, bf16
         self.ids = conditioner.tokenize(["a photo of astronaut"])
@@ -76,7 +75,8 @@ class BareIteration:
 
     def __call__(self) -> dict:
         """Times of one iteration: text encoder, U-Net forward, backward, all (wall) and CPU seconds."""
-        torch = self.torch
+        import torch
+
         c0 = time.process_time()
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
