@@ -146,14 +146,29 @@ def child_interleaved(family: str, model: str, data: str, steps: int, mixed_prec
 
     The hook is the loop's per-step call to `TrainLogger.step`: a step's time runs from the end of
     the previous bare iteration to the end of that call, so it holds everything the loop does for
-    the step (loading the batch, forward, backward, optimizer, logging). The first step and the
-    first bare iteration warm up and are not counted."""
-    from library import train_logging
+    the step (loading the batch, forward, backward, optimizer, logging). The step's forward
+    (`micro_step_loss`) and backward are timed as well, so that the loop's own work (the rest) is
+    known apart from the compute. The first step warms up and is not counted; every counted step
+    has a bare iteration on each side."""
+    import torch
 
-    logged = train_logging.TrainLogger.step
-    marks = {"after_bare": None, "cpu_after_bare": None}
-    step_wall, step_cpu, bare = [], [], []
+    from library import train_logging, trainer
+
+    logged, loss_of, backward = train_logging.TrainLogger.step, trainer.micro_step_loss, torch.Tensor.backward
+    marks = {"after_bare": None, "cpu_after_bare": None, "compute": 0.0, "in_bare": False}
+    step_wall, step_cpu, step_compute, bare = [], [], [], []
     iteration = []
+
+    def timed(function):
+        def run(*args, **kwargs):
+            if marks["in_bare"]:
+                return function(*args, **kwargs)
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                marks["compute"] += time.perf_counter() - start
+        return run
 
     def step_then_bare(self, step, epoch, loss, extra):
         average = logged(self, step, epoch, loss, extra)
@@ -161,19 +176,27 @@ def child_interleaved(family: str, model: str, data: str, steps: int, mixed_prec
         if marks["after_bare"] is not None:
             step_wall.append(now - marks["after_bare"])
             step_cpu.append(cpu - marks["cpu_after_bare"])
+            step_compute.append(marks["compute"])
         if not iteration:
             iteration.append(BareIteration.of_run(self.run))
+        marks["in_bare"] = True
         bare.append(iteration[0]())
+        marks["in_bare"], marks["compute"] = False, 0.0
         marks["after_bare"], marks["cpu_after_bare"] = time.perf_counter(), time.process_time()
         return average
 
     train_logging.TrainLogger.step = step_then_bare
-    with tempfile.TemporaryDirectory(prefix="bench-interleaved-") as out:
-        main, argv = _run_script_main(training_args(family, model, data, out, steps, mixed_precision=mixed_precision))
-        main(argv)
-    bare = bare[1:]
-    return {"step_all": step_wall, "step_cpu": step_cpu, "bare_all": [b["all"] for b in bare],
-            "bare_cpu": [b["cpu"] for b in bare]}
+    trainer.micro_step_loss, torch.Tensor.backward = timed(loss_of), timed(backward)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-interleaved-") as out:
+            main, argv = _run_script_main(training_args(family, model, data, out, steps,
+                                                        mixed_precision=mixed_precision))
+            main(argv)
+    finally:
+        train_logging.TrainLogger.step, trainer.micro_step_loss, torch.Tensor.backward = logged, loss_of, backward
+    # step_all[i] ran between bare_all[i] and bare_all[i + 1]; bare_all[0] is the warm-up
+    return {"step_all": step_wall, "step_cpu": step_cpu, "step_compute": step_compute,
+            "bare_all": [b["all"] for b in bare], "bare_cpu": [b["cpu"] for b in bare]}
 
 
 PROFILE_BUCKETS = (

@@ -157,8 +157,10 @@ def _scheduler_lr(state_folder) -> list:
 def test_two_processes_train_like_accumulation_and_only_the_main_one_writes(tiny_checkpoint, square_photos,
                                                                             start_weights, tmp_path):
     model = tiny_checkpoint("sd1")
+    # --clip_skip 2: the text encoder's last layer never runs, so its LoRA modules get no gradient in
+    # any process and must stay as they started (no weight decay from a zero-filled gradient)
     saves = ["--save_every_n_steps", "2", "--save_every_n_epochs", "1", "--save_state", "--network_weights",
-             start_weights]
+             start_weights, "--clip_skip", "2"]
     two = str(tmp_path / "two")
     # the two processes share one disk latent cache: each encodes its half, then both read all of it
     data_two = str(tmp_path / "data_two")
@@ -182,6 +184,9 @@ def test_two_processes_train_like_accumulation_and_only_the_main_one_writes(tiny
     start = safetensors_io.load_tensors(start_weights)
     assert final.keys() == start.keys()
     assert max(float((final[k] - start[k]).abs().max()) for k in final) > 1e-4  # it did train
+    last = max(int(k.split("encoder_layers_")[1].split("_")[0]) for k in final if "encoder_layers_" in k)
+    skipped = [k for k in final if k.startswith(f"lora_te_text_model_encoder_layers_{last}_")]
+    assert skipped and all(torch.equal(final[k], start[k]) for k in skipped)
 
     # both record a global batch of 2 × 2
     metadata = safetensors_io.read_metadata(os.path.join(two, "lora.safetensors"))

@@ -212,3 +212,23 @@ def test_vae_released_after_caching_and_read_again_on_a_miss(tiny_checkpoint, ph
                                   "--sample_prompts", str(prompts), "--sample_every_n_steps", "1"))
     assert run.models.vae is not None  # sample images decode with it
     assert os.listdir(os.path.join(str(tmp_path / "s"), "sample"))
+
+
+def test_modules_the_forward_skips_are_left_alone(tiny_checkpoint, photo_dir, tmp_path):
+    """With --clip_skip 2 the text encoder's last layer is never run: its LoRA modules get no
+    gradient, and the optimizer must not touch them (no weight decay), whatever the learning rate."""
+    model = tiny_checkpoint("sd1")
+    saved = {}
+    for lr in ("1e-2", "1e-3"):
+        out = str(tmp_path / lr)
+        run_training(train_args(model, photo_dir, out, "--max_train_steps", "2", "--clip_skip", "2",
+                                "--learning_rate", lr, "--optimizer_args", "weight_decay=0.5"))
+        saved[lr] = safetensors_io.load_tensors(os.path.join(out, "lora.safetensors"))
+    layers = {int(m.group(1)) for k in saved["1e-2"] for m in [re.search(r"encoder_layers_(\d+)_", k)] if m}
+    last = f"lora_te_text_model_encoder_layers_{max(layers)}_"
+    skipped = [k for k in saved["1e-2"] if k.startswith(last) and k.endswith(".weight")]
+    used = [k for k in saved["1e-2"] if k.startswith("lora_unet_") and "lora_down" in k]
+    assert skipped and used
+    for k in skipped:
+        assert torch.equal(saved["1e-2"][k], saved["1e-3"][k]), k
+    assert any(not torch.equal(saved["1e-2"][k], saved["1e-3"][k]) for k in used)
