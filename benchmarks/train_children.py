@@ -211,7 +211,7 @@ PROFILE_BUCKETS = (
     ("    U-Net forward", "forward", "diffusers/models/unets/unet_2d_condition.py"),
     ("    loss (compute_loss)", "compute_loss", "library/losses.py"),
     ("  steps: backward", "backward", "torch/_tensor.py"),
-    ("  steps: _sync_gradients", "_sync_gradients", "library/trainer.py"),
+    ("  steps: average_gradients", "average_gradients", "library/grad_sync.py"),
     ("  steps: clip_grad_norm_", "clip_grad_norm_", "torch/nn/utils/clip_grad.py"),
     ("  steps: optimizer step (Adam.step)", "step", "torch/optim/adam.py"),
     ("  steps: lr scheduler step", "step", "torch/optim/lr_scheduler.py"),

@@ -18,11 +18,12 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
 from library.errors import UserError
+from library.grad_sync import average_gradients
 
 logger = logging.getLogger(__name__)
 
@@ -424,37 +425,6 @@ def micro_step_loss(run: Run, task: Task, batch: dict, generator: torch.Generato
                         batch["loss_weights"].to(run.device))
 
 
-def _sync_gradients(run: Run, params: List[torch.Tensor], micro_batches: int) -> None:
-    """Average gradients over micro-batches and processes (an explicit all-reduce, so any module
-    layout works, patched forwards included). A tensor that got no gradient in any process keeps
-    none, so the optimizer leaves it alone (no weight decay on modules the forward never uses)."""
-    count = float(micro_batches)
-    if run.num_processes > 1:
-        import torch.distributed as dist
-
-        # every process must reduce the same tensors, even with no batch this step; one flag per
-        # tensor rides along, so that all processes agree on which tensors had no gradient anywhere
-        flags = torch.tensor([float(p.grad is not None) for p in params], device=run.device)
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads] + [flags, torch.tensor([count], device=run.device)])
-        dist.all_reduce(flat)
-        offset = 0
-        for g in grads:
-            n = g.numel()
-            g.copy_(flat[offset:offset + n].view_as(g))
-            offset += n
-        for p, used in zip(params, flat[offset:offset + len(params)].tolist()):
-            if not used:
-                p.grad = None
-        count = flat[-1].item()
-    grads = [p.grad for p in params if p.grad is not None]
-    if count > 1 and grads:  # one batch in all: the sum is the mean already
-        torch._foreach_div_(grads, count)
-
-
 # ---------------------------------------------------------------------------------------------
 # the loop
 
@@ -627,7 +597,7 @@ def train(args, task: Task):
                 loss.backward()
                 total += loss.item()
             if not stepped_in_backward:
-                _sync_gradients(run, params, len(micro))
+                average_gradients(params, len(micro), run.num_processes)
                 if args.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                 run.optimizer.step()

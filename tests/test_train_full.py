@@ -280,7 +280,7 @@ def test_fused_backward_pass_leaves_no_gradients_to_the_loop(tiny_checkpoint, ph
     def must_not_run(*_):
         raise AssertionError("the loop synced gradients under --fused_backward_pass")
 
-    monkeypatch.setattr(trainer, "_sync_gradients", must_not_run)
+    monkeypatch.setattr(trainer, "average_gradients", must_not_run)
     base = tiny_checkpoint("sd1")
     run = train("fine_tune", ft_args(base, photo_dir, tmp_path, "--max_train_steps", "2", "--cache_latents",
                                      "--optimizer_type", "Adafactor", "--optimizer_args", "relative_step=False",

@@ -13,9 +13,9 @@ processes with `DistributedType.MULTI_CPU` and the gloo backend, because our Acc
 with `cpu=True` there; that is what these tests launch.
 
 The main test starts both runs from the same `--network_weights` file, so it checks the batch split,
-the gradient all-reduce and the writes on their own; the other two check that every process starts
-from the same seeded weights and that the learning-rate schedule runs at full speed with two
-processes.
+the gradient all-reduce and the writes on their own; the others check that every process starts
+from the same seeded weights, that the learning-rate schedule runs at full speed with two
+processes, and that bf16 weights and gradients (`--full_bf16`) train as one process does.
 """
 
 import json
@@ -236,3 +236,24 @@ def test_two_processes_follow_the_same_lr_schedule(tiny_checkpoint, square_photo
     assert lr_one == pytest.approx([0.0] * len(lr_one), abs=1e-12)  # linear decay ends at 0 after max_train_steps
     assert _scheduler_lr(os.path.join(two, "lora-state")) == pytest.approx(lr_one, abs=1e-12)
     assert _max_difference(os.path.join(one, "lora.safetensors"), os.path.join(two, "lora.safetensors")) <= 1e-6
+
+
+def test_two_processes_with_full_bf16_train_like_accumulation(tiny_checkpoint, square_photos, start_weights, tmp_path):
+    """bf16 LoRA weights and gradients: the all-reduce runs in bf16, on gradients already divided by the
+    step's micro-batch count, and gives the update one process with accumulation gives (within bf16 rounding)."""
+    model = tiny_checkpoint("sd1")
+    half = ["--mixed_precision", "bf16", "--full_bf16", "--network_train_unet_only", "--network_weights",
+            start_weights, "--max_train_steps", "2"]  # the last --mixed_precision and --max_train_steps win
+    two = str(tmp_path / "two")
+    _launch_two_processes(tmp_path, _train_args(model, square_photos, two, *half))
+    one = str(tmp_path / "one")
+    _train_in_process(_train_args(model, square_photos, one, "--gradient_accumulation_steps", "2", *half))
+    start = safetensors_io.load_tensors(start_weights)
+    a = safetensors_io.load_tensors(os.path.join(one, "lora.safetensors"))
+    b = safetensors_io.load_tensors(os.path.join(two, "lora.safetensors"))
+    assert a.keys() == b.keys() and all(b[k].dtype == torch.bfloat16 for k in b)
+    update_one = torch.cat([(a[k].float() - start[k].float()).flatten() for k in sorted(a)])
+    update_two = torch.cat([(b[k].float() - start[k].float()).flatten() for k in sorted(b)])
+    assert float(update_one.abs().max()) > 1e-4  # it did train
+    # equal here (bf16 sums of two halves round alike); the margin allows other CPUs' bf16 kernels
+    assert float((update_two - update_one).norm() / update_one.norm()) <= 0.02
