@@ -40,8 +40,9 @@ Targets (issue): step / bare <= 1.05; against the established trainer on this ma
 s/step, 53 s to the first step, 6.8 GiB peak RSS; SDXL: 9.1 s/step, 70 s, 19.9 GiB), step time no
 worse, time to the first step <= 0.4x, peak RSS <= 0.6x.
 
-With 2 cores, any other busy process stretches every time here: the load average before and after
-is printed, with a warning when the machine was not idle, and so is the cost of first-touching a
+With 2 cores, any other busy process stretches every time here: the load average before the run
+and the share of the CPUs that other processes (and the hypervisor's steal) took during it are
+printed, with a warning when the machine was not idle, and so is the cost of first-touching a
 page of fresh memory, which on a virtual machine can vary tenfold and moves the time to the first
 step. On a busy machine run with `--threads 1`:
 with more OpenMP threads than free cores every parallel op waits for a descheduled thread (AdamW's
@@ -69,6 +70,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_checkpoints import checkpoint_path, ensure_checkpoint  # noqa: E402,F401
+from machine_load import OtherLoad  # noqa: E402
 from train_children import RESOLUTION, training_args  # noqa: E402
 GIB = 1024 ** 3
 FAMILIES = ("sd1", "sdxl")
@@ -126,6 +128,9 @@ def mem_available() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+BUSY_SHARE = 0.05  # other processes and steal above this share of the CPUs during the run: a warning
 
 
 def loadavg() -> float:
@@ -584,6 +589,7 @@ def main(argv=None) -> None:
                 raise SystemExit(notes[-1])
     data = ensure_photos(args.cache_dir)
     load_before, touch_before = loadavg(), first_touch_us()
+    others = OtherLoad()
     for family in families:
         model = ensure_checkpoint(args.cache_dir, family, args.skip_generate)
         if model is None:
@@ -648,15 +654,17 @@ def main(argv=None) -> None:
             print(f"[{tag}] profiling a 3-step run -> {report}", flush=True)
             result = measure_profile(family, model, data, 3, args.threads, report, precision)
             profiles.append((tag, result["buckets"]))
-    load_after, touch_after = loadavg(), first_touch_us()
+    other_share = others.share()
+    touch_after = first_touch_us()
     print()
     print(f"LoRA training benchmark, {datetime.date.today().isoformat()}, {os.cpu_count()} cores, "
           f"{args.threads} threads per child, Python {platform.python_version()}; {RESOLUTION} px, batch 1, dim 4, "
-          f"cached latents, {' and '.join('float32' if m == 'no' else m for m in precisions)}; load average {load_before:.2f} before, {load_after:.2f} after; "
+          f"cached latents, {' and '.join('float32' if m == 'no' else m for m in precisions)}; load average {load_before:.2f} before; {others.describe()}; "
           f"first touch of a fresh page {touch_before:.2f} us before, {touch_after:.2f} us after")
-    if max(load_before, load_after) > 0.5:
-        print(f"WARNING: the machine was busy (load average up to {max(load_before, load_after):.2f} on "
-              f"{os.cpu_count()} cores): absolute times are inflated; the step/bare ratio, measured side by "
+    busy = other_share is not None and sum(other_share) > BUSY_SHARE
+    if load_before > 0.5 or busy:
+        print(f"WARNING: the machine was busy (load average {load_before:.2f} before the run; "
+              f"{others.describe()}): absolute times are inflated; the step/bare ratio, measured side by "
               f"side, is the more reliable number")
     if args.threads < (os.cpu_count() or 1):
         print(f"NOTE: {args.threads} thread(s) per child on {os.cpu_count()} cores: s/step and the time to the "
