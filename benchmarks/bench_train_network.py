@@ -661,8 +661,10 @@ def main(argv=None) -> None:
           f"{args.threads} threads per child, Python {platform.python_version()}; {RESOLUTION} px, batch 1, dim 4, "
           f"cached latents, {' and '.join('float32' if m == 'no' else m for m in precisions)}; load average {load_before:.2f} before; {others.describe()}; "
           f"first touch of a fresh page {touch_before:.2f} us before, {touch_after:.2f} us after")
-    busy = other_share is not None and sum(other_share) > BUSY_SHARE
-    if load_before > 0.5 or busy:
+    # the load average before the run still holds whatever ran just before it (often our own
+    # work); the share measured over the run says whether anything else competed with it
+    busy = sum(other_share) > BUSY_SHARE if other_share is not None else load_before > 0.5
+    if busy:
         print(f"WARNING: the machine was busy (load average {load_before:.2f} before the run; "
               f"{others.describe()}): absolute times are inflated; the step/bare ratio, measured side by "
               f"side, is the more reliable number")
