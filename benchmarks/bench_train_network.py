@@ -659,14 +659,14 @@ def main(argv=None) -> None:
     print()
     print(f"LoRA training benchmark, {datetime.date.today().isoformat()}, {os.cpu_count()} cores, "
           f"{args.threads} threads per child, Python {platform.python_version()}; {RESOLUTION} px, batch 1, dim 4, "
-          f"cached latents, {' and '.join('float32' if m == 'no' else m for m in precisions)}; load average {load_before:.2f} before; {others.describe()}; "
+          f"cached latents, {' and '.join('float32' if m == 'no' else m for m in precisions)}; load average {load_before:.2f} before; {OtherLoad.describe(other_share)}; "
           f"first touch of a fresh page {touch_before:.2f} us before, {touch_after:.2f} us after")
     # the load average before the run still holds whatever ran just before it (often our own
     # work); the share measured over the run says whether anything else competed with it
     busy = sum(other_share) > BUSY_SHARE if other_share is not None else load_before > 0.5
     if busy:
         print(f"WARNING: the machine was busy (load average {load_before:.2f} before the run; "
-              f"{others.describe()}): absolute times are inflated; the step/bare ratio, measured side by "
+              f"{OtherLoad.describe(other_share)}): absolute times are inflated; the step/bare ratio, measured side by "
               f"side, is the more reliable number")
     if args.threads < (os.cpu_count() or 1):
         print(f"NOTE: {args.threads} thread(s) per child on {os.cpu_count()} cores: s/step and the time to the "

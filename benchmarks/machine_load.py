@@ -47,8 +47,9 @@ class OtherLoad:
         other = max(0.0, busy - (_own_seconds() - self.own))
         return other / capacity, (now[1] - self.ticks[1]) / hz / capacity
 
-    def describe(self) -> str:
-        share = self.share()
+    @staticmethod
+    def describe(share) -> str:
+        """One line for a `share()` result (measured once, so the header and a warning agree)."""
         if share is None:
             return "CPU use of other processes unknown (no /proc/stat)"
         other, steal = share
