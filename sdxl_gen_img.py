@@ -15,10 +15,10 @@ from library.cli import run  # noqa: E402
 
 
 def main(argv=None):
-    from library.gen_args import build_parser
+    from library.generation.args import build_parser
 
     args = build_parser(sdxl_only=True, description=__doc__).parse_args(argv)
-    from library.gen_run import run_from_args
+    from library.generation.run import run_from_args
 
     return run_from_args(args, sdxl=True)
 

@@ -17,12 +17,12 @@ from library.cli import run  # noqa: E402
 
 
 def main(argv=None):
-    from library.ti_args import ti_parser
-    from library.train_args import parse_args
+    from library.training.ti_args import ti_parser
+    from library.training.train_args import parse_args
 
     args = parse_args(ti_parser(sdxl=True, description=__doc__), argv)
-    from library.task_embedding import EmbeddingTask
-    from library.trainer import train
+    from library.training.task_embedding import EmbeddingTask
+    from library.training.trainer import train
 
     result = train(args, EmbeddingTask(sdxl=True))
     return result if isinstance(result, int) else 0

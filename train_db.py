@@ -15,12 +15,12 @@ from library.cli import run  # noqa: E402
 
 
 def main(argv=None):
-    from library.script_parsers import db_parser
-    from library.train_args import parse_args
+    from library.training.script_parsers import db_parser
+    from library.training.train_args import parse_args
 
     args = parse_args(db_parser(description=__doc__), argv)
-    from library.task_full import FullModelTask
-    from library.trainer import train
+    from library.training.task_full import FullModelTask
+    from library.training.trainer import train
 
     result = train(args, FullModelTask("db"))
     return result if isinstance(result, int) else 0

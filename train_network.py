@@ -13,12 +13,12 @@ from library.cli import run  # noqa: E402
 
 
 def main(argv=None):
-    from library.script_parsers import network_parser
-    from library.train_args import parse_args
+    from library.training.script_parsers import network_parser
+    from library.training.train_args import parse_args
 
     args = parse_args(network_parser(sdxl=False, description=__doc__), argv)
-    from library.task_network import NetworkTask
-    from library.trainer import train
+    from library.training.task_network import NetworkTask
+    from library.training.trainer import train
 
     result = train(args, NetworkTask(sdxl=False))
     return result if isinstance(result, int) else 0

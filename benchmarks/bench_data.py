@@ -82,8 +82,8 @@ def child_generate(workdir: str, n: int) -> dict:
 
 
 def child_index(workdir: str) -> dict:
-    from library.dataset_config import load_dataset_config
-    from library.dataset_scan import scan_dataset
+    from library.data.config import load_dataset_config
+    from library.data.scan import scan_dataset
 
     args = argparse.Namespace(train_data_dir=os.path.join(workdir, "train"), resolution="64")
     start = time.perf_counter()
@@ -95,9 +95,9 @@ def child_index(workdir: str) -> dict:
 
 
 def child_hash(workdir: str, n: int) -> dict:
-    from library.cache_keys import FileHasher
-    from library.cache_store import BESIDE_IMAGES, EntryStore
-    from library.latent_cache import LATENTS_KIND
+    from library.caching.keys import FileHasher
+    from library.caching.store import BESIDE_IMAGES, EntryStore
+    from library.caching.latent_cache import LATENTS_KIND
 
     folder = image_folder(workdir)
     paths = sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(".jpg"))[:n]
@@ -121,7 +121,7 @@ def child_hash(workdir: str, n: int) -> dict:
 def child_bucket(workdir: str, n: int) -> dict:
     import numpy as np
 
-    from library.bucketing import BucketAssigner, BucketSettings, centre_crops, make_epoch_batches
+    from library.data.bucketing import BucketAssigner, BucketSettings, centre_crops, make_epoch_batches
 
     path = os.path.join(workdir, "metadata_1m.json")
     start = time.perf_counter()
@@ -143,8 +143,8 @@ def child_bucket(workdir: str, n: int) -> dict:
 def child_store(workdir: str, n: int) -> dict:
     import torch
 
-    from library.cache_store import EntryStore, check_entry, read_entry, write_entry
-    from library.latent_cache import LATENT_FORMAT
+    from library.caching.store import EntryStore, check_entry, read_entry, write_entry
+    from library.caching.latent_cache import LATENT_FORMAT
 
     store = EntryStore(os.path.join(workdir, "store"), "latents")
     latents = torch.randn(4, 64, 64)
@@ -200,10 +200,10 @@ def _stub_vae():
 
 
 def child_cache(workdir: str, n: int) -> dict:
-    from library.bucketing import BucketSettings
-    from library.cache_store import BESIDE_IMAGES
-    from library.cache_tools import image_sizes, plan_centre_crops
-    from library.latent_cache import LatentCache, LatentSample
+    from library.data.bucketing import BucketSettings
+    from library.caching.store import BESIDE_IMAGES
+    from library.caching.tools import image_sizes, plan_centre_crops
+    from library.caching.latent_cache import LatentCache, LatentSample
 
     folder = image_folder(workdir)
     paths = sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(".jpg"))[:n]
@@ -233,9 +233,9 @@ def child_identity(workdir: str) -> dict:
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL
 
-    from library import vae_convert
-    from library.families import SD1
-    from library.latent_cache import vae_identity
+    from library.models import vae_convert
+    from library.models.families import SD1
+    from library.caching.latent_cache import vae_identity
 
     with init_empty_weights():
         vae = AutoencoderKL.from_config(vae_convert.vae_config(SD1, "full"))

@@ -93,10 +93,10 @@ def child(options: dict) -> dict:
     if os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-    from library.script_parsers import fine_tune_parser
-    from library.task_full import FullModelTask
-    from library.train_args import parse_args
-    from library.trainer import train
+    from library.training.script_parsers import fine_tune_parser
+    from library.training.task_full import FullModelTask
+    from library.training.train_args import parse_args
+    from library.training.trainer import train
 
     args = parse_args(fine_tune_parser(description=""), options["argv"])
     task = FullModelTask("fine_tune")

@@ -50,11 +50,11 @@ def bench_size(size: str, resolution: int, steps: int, runs: int, sampler: str, 
     torch.set_num_threads(threads)
     from diffusers import StableDiffusionPipeline
 
-    from library.families import SD1
-    from library.generation import BatchSettings, GenerationEngine, ImageJob
-    from library.random_models import build_random_models
-    from library.samplers import make_scheduler
-    from library.tokenizer import load_tokenizers
+    from library.models.families import SD1
+    from library.generation.engine import BatchSettings, GenerationEngine, ImageJob
+    from library.models.random_models import build_random_models
+    from library.generation.samplers import make_scheduler
+    from library.text.tokenizer import load_tokenizers
 
     build_start = time.perf_counter()
     models = build_random_models(SD1, size, seed=0, dtype=torch.float32)

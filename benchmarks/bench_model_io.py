@@ -10,7 +10,7 @@ it in the page cache: the comparison is of CPU/memory work, not of the disk.
 
 Targets (from the issue): peak RSS while loading <= 1.3 x the file size, load time <= 1.5 x the
 time to read the file's bytes, a script's `--help` in under 1.5 s. An fp16 file loaded into an fp16
-model is mapped (zero-copy, see library/safetensors_io.py) rather than read, so its pages are read
+model is mapped (zero-copy, see library/models/safetensors_io.py) rather than read, so its pages are read
 at first use: the load child then reads one value of every 4 KiB page of every weight, timed on its
 own, and the table shows the load alone and the load plus that first touch. Saving has no target; it is
 shown against the time to write (and fsync) the same number of bytes.
@@ -190,8 +190,8 @@ def _import_model_stack():
     from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
     from transformers import CLIPTextModel, CLIPTextModelWithProjection  # noqa: F401
 
-    from library.model_loading import load_models
-    from library.model_saving import save_models
+    from library.models.loading import load_models
+    from library.models.saving import save_models
 
     return torch, load_models, save_models, time.perf_counter() - start
 
@@ -317,7 +317,7 @@ def _summarise(runs: list) -> dict:
 def _header(path: str) -> tuple:
     """(tensor entries, offset of the data section) of a safetensors file.
 
-    Parsed here rather than with library.safetensors_io: the parent must not import torch, whose
+    Parsed here rather than with library.models.safetensors_io: the parent must not import torch, whose
     RSS every child would otherwise inherit in its ru_maxrss at exec.
     """
     with open(path, "rb") as f:

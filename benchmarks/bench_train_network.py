@@ -16,7 +16,7 @@ DreamBooth folder. For each family, in fresh child processes measured from outsi
   and the polled peak PSS of the whole process tree (DataLoader workers included) is shown beside
   it. CPU seconds per step of the training process are sampled from outside as well.
 * bare: the same models held as the trainer holds them (frozen U-Net and text encoders in the
-  file's fp16 with float32 compute, `library/frozen_weights.py`; with bf16, read in bf16 and held by
+  file's fp16 with float32 compute, `library/models/frozen_weights.py`; with bf16, read in bf16 and held by
   the same module with bf16 compute under autocast; the VAE stays loaded,
   where the trainer frees it after caching, so the bare peak RSS is not the trainer's), the same LoRA
   (`networks.lora.create_network` + `apply_to` on the text encoder(s) and U-Net, as the trainer
@@ -576,7 +576,7 @@ def main(argv=None) -> None:
     rows, notes, profiles = [], [], []
     if "bf16" in precisions:
         # asked in a child, so that this process stays without torch
-        probe = ("import torch; from library.device_setup import cpu_has_fast_bf16; "
+        probe = ("import torch; from library.models.device_setup import cpu_has_fast_bf16; "
                  "print(cpu_has_fast_bf16(), torch.backends.cpu.get_cpu_capability())")
         fast, capability = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
                                           check=True).stdout.split()

@@ -103,11 +103,11 @@ def child_bare(family: str, path: str, iters: int, mixed_precision: str = "no", 
     import torch
 
     import networks.lora
-    from library.device_setup import set_attention
-    from library.frozen_weights import hold_in_half
-    from library.model_loading import load_models
-    from library.text_encoding import TextConditioner, training_clip_skip
-    from library.tokenizer import load_tokenizers
+    from library.models.device_setup import set_attention
+    from library.models.frozen_weights import hold_in_half
+    from library.models.loading import load_models
+    from library.text.encoding import TextConditioner, training_clip_skip
+    from library.text.tokenizer import load_tokenizers
 
     start = time.perf_counter()
     bf16 = mixed_precision == "bf16"
@@ -152,7 +152,7 @@ def child_interleaved(family: str, model: str, data: str, steps: int, mixed_prec
     has a bare iteration on each side."""
     import torch
 
-    from library import train_logging, trainer
+    from library.training import train_logging, trainer
 
     logged, loss_of, backward = train_logging.TrainLogger.step, trainer.micro_step_loss, torch.Tensor.backward
     marks = {"after_bare": None, "cpu_after_bare": None, "compute": 0.0, "in_bare": False}
@@ -201,26 +201,26 @@ def child_interleaved(family: str, model: str, data: str, steps: int, mixed_prec
 
 PROFILE_BUCKETS = (
     # (label, function name as pstats shows it, file suffix); cumulative times
-    ("whole run (train)", "train", "library/trainer.py"),
-    ("  set-up: prepare_run", "prepare_run", "library/trainer.py"),
-    ("    load_models", "load_models", "library/model_loading.py"),
-    ("    latent caching (attach_caches)", "attach_caches", "library/training_caches.py"),
-    ("    task.setup (LoRA create/apply)", "setup", "library/task_network.py"),
-    ("  steps: micro_step_loss", "micro_step_loss", "library/trainer.py"),
-    ("    text encoder (_conditioning)", "_conditioning", "library/trainer.py"),
+    ("whole run (train)", "train", "library/training/trainer.py"),
+    ("  set-up: prepare_run", "prepare_run", "library/training/trainer.py"),
+    ("    load_models", "load_models", "library/models/loading.py"),
+    ("    latent caching (attach_caches)", "attach_caches", "library/caching/training_caches.py"),
+    ("    task.setup (LoRA create/apply)", "setup", "library/training/task_network.py"),
+    ("  steps: micro_step_loss", "micro_step_loss", "library/training/trainer.py"),
+    ("    text encoder (_conditioning)", "_conditioning", "library/training/trainer.py"),
     ("    U-Net forward", "forward", "diffusers/models/unets/unet_2d_condition.py"),
-    ("    loss (compute_loss)", "compute_loss", "library/losses.py"),
+    ("    loss (compute_loss)", "compute_loss", "library/training/losses.py"),
     ("  steps: backward", "backward", "torch/_tensor.py"),
-    ("  steps: average_gradients", "average_gradients", "library/grad_sync.py"),
+    ("  steps: average_gradients", "average_gradients", "library/training/grad_sync.py"),
     ("  steps: clip_grad_norm_", "clip_grad_norm_", "torch/nn/utils/clip_grad.py"),
     ("  steps: optimizer step (Adam.step)", "step", "torch/optim/adam.py"),
     ("  steps: lr scheduler step", "step", "torch/optim/lr_scheduler.py"),
     ("  steps: zero_grad", "zero_grad", "torch/optim/optimizer.py"),
-    ("  steps: batch loading (load_batch)", "load_batch", "library/train_dataset.py"),
+    ("  steps: batch loading (load_batch)", "load_batch", "library/data/train_dataset.py"),
     ("  steps: DataLoader (__next__)", "__next__", "torch/utils/data/dataloader.py"),
-    ("  steps: logging (TrainLogger.step)", "step", "library/train_logging.py"),
+    ("  steps: logging (TrainLogger.step)", "step", "library/training/train_logging.py"),
     ("  steps: LoRA module forwards (python)", "forward", "networks/lora_layers.py"),
-    ("  final save (_save_point)", "_save_point", "library/trainer.py"),
+    ("  final save (_save_point)", "_save_point", "library/training/trainer.py"),
 )
 
 

@@ -36,7 +36,7 @@ def main(argv=None):
         logging.getLogger(__name__).warning(
             "three arguments given: the first (train_data_dir) is ignored; pass only IN_JSON OUT_JSON")
         args.in_json, args.out_json = args.out_json, args.legacy_out_json
-    from library.metadata_json import clean_file
+    from library.data.metadata_json import clean_file
 
     clean_file(args.in_json, args.out_json, debug=args.debug)
     return 0

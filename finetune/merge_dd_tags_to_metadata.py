@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from library.metadata_json import merge_folder
+    from library.data.metadata_json import merge_folder
 
     report = merge_folder(
         args.train_data_dir,

@@ -68,13 +68,13 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     import torch
 
-    from library.bucketing import BucketSettings
+    from library.data.bucketing import BucketSettings
     from library.errors import UserError
-    from library.cache_settings import disk_location
-    from library.cache_tools import detect_model_family, image_sizes, load_vae_for_caching, plan_centre_crops
+    from library.caching.settings import disk_location
+    from library.caching.tools import detect_model_family, image_sizes, load_vae_for_caching, plan_centre_crops
     from tools.cache_latents import vae_dtype
-    from library.latent_cache import LatentCache, LatentSample, with_flips
-    from library.metadata_json import image_key, list_images, read_metadata, write_metadata
+    from library.caching.latent_cache import LatentCache, LatentSample, with_flips
+    from library.data.metadata_json import image_key, list_images, read_metadata, write_metadata
 
     if args.batch_size < 1:
         raise UserError(f"--batch_size {args.batch_size}: must be at least 1")

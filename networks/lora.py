@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from library.errors import UserError
-from library.lora_metadata import safetensors_order, sshs_hashes
+from library.training.lora_metadata import safetensors_order, sshs_hashes
 from networks import lora_names
 from networks.lora_layers import LoRAModule, lora_delta, make_lora_module
 from networks.lora_names import Target, block_index, is_sdxl_unet, num_blocks
@@ -190,7 +190,7 @@ def read_lora_file(path: str) -> Dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise UserError(f"{path}: LoRA file not found")
     if path.endswith(".safetensors"):
-        from library.safetensors_io import load_tensors
+        from library.models.safetensors_io import load_tensors
 
         return load_tensors(path)
     try:
@@ -432,7 +432,7 @@ class LoRANetwork(torch.nn.Module):
         """.safetensors with metadata + sshs hashes (tensors in the order the hashes assume), else torch.save."""
         state_dict = self.state_dict_for_save(dtype)
         if os.path.splitext(file)[1] == ".safetensors":
-            from library.safetensors_io import save_tensors
+            from library.models.safetensors_io import save_tensors
 
             metadata = {k: str(v) for k, v in (metadata or {}).items()}
             metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = sshs_hashes(state_dict, metadata)

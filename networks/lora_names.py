@@ -6,7 +6,7 @@ dots turned into underscores, where the path is the *classic* one every LoRA fil
   (no `text_model.` level), so it is put back; `CLIPTextModelWithProjection` still has it.
 * SD1/SD2 U-Net: diffusers module paths as they are.
 * SDXL U-Net: SGM paths (`input_blocks.4.1...`), renamed from our diffusers U-Net through
-  `library.unet_convert`'s module prefix pairs.
+  `library.models.unet_convert`'s module prefix pairs.
 Block indices (§4) are derived from these names, as sd-scripts does.
 """
 
@@ -18,7 +18,7 @@ from typing import Callable, Iterator, List, Optional, Sequence
 
 import torch
 
-from library import unet_convert
+from library.models import unet_convert
 
 PREFIX_UNET = "lora_unet"
 PREFIX_TE = "lora_te"

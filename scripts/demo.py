@@ -29,9 +29,9 @@ PHOTOS = {
 
 
 def write_model(path: str) -> None:
-    from library.families import SD1
-    from library.model_saving import save_models
-    from library.random_models import build_random_models
+    from library.models.families import SD1
+    from library.models.saving import save_models
+    from library.models.random_models import build_random_models
 
     save_models(build_random_models(SD1, "tiny", seed=0), path)
 

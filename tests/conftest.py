@@ -16,8 +16,9 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-SHARED = os.path.join(os.path.dirname(ROOT), "shared")
-FIXTURES = os.path.join(SHARED, "fixtures")
+# Facts about other tools' files (key/shape lists of the original checkpoints, what sd-scripts
+# writes, two small real sd-scripts files), copied into the repository: see tests/fixtures/README.md.
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 
 
 @pytest.fixture(scope="session")
@@ -45,8 +46,6 @@ def write_photos():
 
 @pytest.fixture(scope="session")
 def fixtures_dir():
-    if not os.path.isdir(FIXTURES):
-        pytest.skip("shared fixtures not found beside the repository")
     return FIXTURES
 
 
@@ -58,9 +57,9 @@ def tiny_checkpoint(tmp_path_factory):
     def make(name: str, seed: int = 0) -> str:
         key = (name, seed)
         if key not in cache:
-            from library.families import get_family
-            from library.model_saving import save_models
-            from library.random_models import build_random_models
+            from library.models.families import get_family
+            from library.models.saving import save_models
+            from library.models.random_models import build_random_models
 
             family = get_family(name.split("-")[0])
             models = build_random_models(family, "tiny", seed, v_parameterization=name == "sd2-v")

@@ -1,4 +1,4 @@
-"""Tests of library.bucketing against the worked numbers of spec/bucketing.md and a scalar
+"""Tests of library.data.bucketing against the worked numbers of spec/bucketing.md and a scalar
 transcription of sd-scripts' assignment rules."""
 
 import math
@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from library.bucketing import (
+from library.data.bucketing import (
     BucketAssigner,
     BucketSettings,
     bucket_info,
@@ -28,7 +28,7 @@ from library.bucketing import (
     sdxl_size_conditioning,
 )
 from library.errors import UserError
-from library.image_files import read_image_size
+from library.data.image_files import read_image_size
 
 SPEC_17 = [
     (256, 832), (256, 896), (256, 960), (256, 1024), (320, 704), (320, 768), (384, 640), (448, 576), (512, 512),

@@ -22,16 +22,16 @@ import pytest
 import torch
 from PIL import Image
 
-from library import latent_cache as lc
-from library import text_encoder_cache as tec
-from library.bucketing import plan_crop
-from library.cache_settings import CacheSettings, add_cache_arguments
-from library.cache_store import BESIDE_IMAGES, CACHE_FOLDER
-from library.cache_tools import collect_cache_items, latent_samples_of, load_vae_for_caching
+from library.caching import latent_cache as lc
+from library.caching import text_encoder_cache as tec
+from library.data.bucketing import plan_crop
+from library.caching.settings import CacheSettings, add_cache_arguments
+from library.caching.store import BESIDE_IMAGES, CACHE_FOLDER
+from library.caching.tools import collect_cache_items, latent_samples_of, load_vae_for_caching
 from library.errors import UserError
-from library.families import SD1, SDXL
-from library.image_transforms import training_pixels
-from library.random_models import build_random_models
+from library.models.families import SD1, SDXL
+from library.data.image_transforms import training_pixels
+from library.models.random_models import build_random_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -245,7 +245,7 @@ def test_vae_identity_covers_the_encoder_only(tmp_path, photos, sd1):
 def test_a_vae_held_in_half_encodes_like_a_float32_one(tmp_path, photos, sd1):
     """A float32 run keeps an fp16 file's VAE weights in fp16 and computes in float32: same latents,
     same cache keys as the VAE read in float32 from the same file."""
-    from library.frozen_weights import compute_dtype, hold_in_half, is_held_in_half
+    from library.models.frozen_weights import compute_dtype, hold_in_half, is_held_in_half
 
     paths = write_images(tmp_path / "img", dict(list(photos.items())[:2]))
     samples = samples_for(paths)
@@ -301,7 +301,7 @@ def test_processes_share_the_work(tmp_path, photos, sd1):
 def test_cache_flags_and_settings():
     import argparse
 
-    from library.dataset_flags import add_dataset_arguments
+    from library.data.flags import add_dataset_arguments
 
     parser = argparse.ArgumentParser()
     add_dataset_arguments(parser)  # defines the latent flags already
@@ -321,8 +321,8 @@ def test_cache_flags_and_settings():
 
 @pytest.fixture(scope="module")
 def sd1_conditioner(sd1):
-    from library.text_encoding import TextConditioner
-    from library.tokenizer import load_tokenizers
+    from library.text.encoding import TextConditioner
+    from library.text.tokenizer import load_tokenizers
 
     return TextConditioner(SD1, load_tokenizers(SD1), sd1.text_encoders)
 
@@ -353,9 +353,9 @@ def test_text_cache_is_keyed_on_caption_and_clip_skip(tmp_path, sd1_conditioner)
 def test_text_encoders_held_in_half_share_entries_with_float32_ones(tmp_path, sd1):
     """A LoRA run holds a frozen fp16 text encoder in fp16 (token table included) and computes in
     float32: same outputs and the same cache key as the encoder read in float32 from that file."""
-    from library.frozen_weights import hold_in_half, is_held_in_half
-    from library.text_encoding import TextConditioner
-    from library.tokenizer import load_tokenizers
+    from library.models.frozen_weights import hold_in_half, is_held_in_half
+    from library.text.encoding import TextConditioner
+    from library.text.tokenizer import load_tokenizers
 
     as_fp32 = copy.deepcopy(sd1.text_encoders[0]).half().float().requires_grad_(False)
     held = copy.deepcopy(sd1.text_encoders[0]).half().requires_grad_(False)
@@ -386,8 +386,8 @@ def test_text_cache_damaged_entry_is_recomputed(tmp_path, sd1_conditioner, caplo
 
 
 def test_sdxl_text_cache_stores_pooled(tmp_path):
-    from library.text_encoding import TextConditioner
-    from library.tokenizer import load_tokenizers
+    from library.text.encoding import TextConditioner
+    from library.text.tokenizer import load_tokenizers
 
     models = build_random_models(SDXL, "tiny", seed=0)
     conditioner = TextConditioner(SDXL, load_tokenizers(SDXL), models.text_encoders)
@@ -403,7 +403,7 @@ def test_sdxl_text_cache_stores_pooled(tmp_path):
 
 
 def test_text_cache_blockers(tmp_path):
-    from library.dataset_config import load_dataset_config
+    from library.data.config import load_dataset_config
 
     def config(**subset):
         path = tmp_path / "c.toml"
@@ -454,8 +454,8 @@ def test_cache_latents_tool_fills_the_cache_a_run_finds(dreambooth, tiny_checkpo
     # What a training run does: same config, same VAE, looked up through the library.
     import argparse
 
-    from library.dataset_config import load_dataset_config
-    from library.dataset_flags import add_dataset_arguments
+    from library.data.config import load_dataset_config
+    from library.data.flags import add_dataset_arguments
 
     parser = argparse.ArgumentParser()
     add_dataset_arguments(parser)
@@ -509,8 +509,8 @@ def test_prepare_buckets_latents_writes_metadata_and_latents(dreambooth, tiny_ch
     # A fine-tuning run reading OUT_JSON finds every latent.
     import argparse
 
-    from library.dataset_config import load_dataset_config
-    from library.dataset_flags import add_dataset_arguments
+    from library.data.config import load_dataset_config
+    from library.data.flags import add_dataset_arguments
 
     parser = argparse.ArgumentParser()
     add_dataset_arguments(parser)

@@ -1,16 +1,12 @@
-"""Caption transforms (text-encoding.md §5) and the prompt-weighting parser (§6)."""
+"""Caption transforms (text-encoding.md §5) and the prompt syntax: weights (§6) and wildcards."""
 
 import random
 
 import pytest
 
-from library.captions import (
-    parse_prompt_attention,
-    parse_weighted_caption,
-    process_caption,
-    warmup_token_count,
-)
-from library.dataset_config import SubsetParams
+from library.data.captions import process_caption, warmup_token_count
+from library.data.config import SubsetParams
+from library.text.prompt_syntax import parse_prompt_attention, parse_weighted_caption
 
 
 def run(caption, epoch=1, seed=0, **params):

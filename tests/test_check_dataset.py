@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from library import dataset_flags
-from library.dataset_check import add_dataset_check_arguments, run_dataset_check
-from library.dataset_report import token_histogram
+from library.data import flags as dataset_flags
+from library.data.check import add_dataset_check_arguments, run_dataset_check
+from library.data.report import token_histogram
 from library.errors import UserError
 from tools.check_dataset import main
 

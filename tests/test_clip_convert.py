@@ -1,4 +1,4 @@
-"""Tests for library.clip_convert: configs, key layouts against original checkpoints, OpenCLIP maths."""
+"""Tests for library.models.clip_convert: configs, key layouts against original checkpoints, OpenCLIP maths."""
 
 import json
 import math
@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from library import clip_convert as cc
+from library.models import clip_convert as cc
 from library.errors import UserError
-from library.families import SD1, SD2, SDXL
+from library.models.families import SD1, SD2, SDXL
 
-FIXTURES = Path("/work/shared/fixtures/checkpoint-keys")
+FIXTURES = Path(__file__).parent / "fixtures" / "checkpoint-keys"
 CLIP_L = SD1.text_encoders[0]
 OPENCLIP_H = SD2.text_encoders[0]
 OPENCLIP_G = SDXL.text_encoders[1]

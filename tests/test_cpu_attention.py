@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from library import cpu_attention
-from library.cpu_attention import CpuAttnProcessor
+from library.models import cpu_attention
+from library.models.cpu_attention import CpuAttnProcessor
 
 
 def attention(**kwargs) -> Attention:
@@ -82,8 +82,8 @@ def test_threshold_is_queries_times_keys(monkeypatch):
 def test_set_attention_on_cpu_uses_it_for_every_u_net_attention(tiny_checkpoint):
     from types import SimpleNamespace
 
-    from library.device_setup import set_attention
-    from library.model_loading import load_models
+    from library.models.device_setup import set_attention
+    from library.models.loading import load_models
 
     models = load_models(tiny_checkpoint("sdxl"), sdxl=True)
     assert set_attention(models.unet, SimpleNamespace(), torch.device("cpu")) == "sdpa"

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from library.dataset_config import check_bucket_reso_steps, load_dataset_config
-from library.dataset_flags import add_config_arguments, add_dataset_arguments, parse_dreambooth_folder_name
-from library.dataset_schema import CONTROLNET, DREAMBOOTH, FINETUNE
-from library.dataset_sources import (
+from library.data.config import check_bucket_reso_steps, load_dataset_config
+from library.data.flags import add_config_arguments, add_dataset_arguments, parse_dreambooth_folder_name
+from library.data.schema import CONTROLNET, DREAMBOOTH, FINETUNE
+from library.data.sources import (
     ImageEntry,
     balance_reg_entries,
     collect_dataset,

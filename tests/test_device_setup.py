@@ -6,8 +6,8 @@ import types
 import pytest
 import torch
 
-from library import device_setup
-from library.device_setup import resolve_precision
+from library.models import device_setup
+from library.models.device_setup import resolve_precision
 
 CPU = torch.device("cpu")
 
@@ -67,7 +67,7 @@ def test_fp16_off_cuda_trains_in_float32_with_one_warning(caplog):
 
 
 def test_generation_bf16_follows_the_cpu(slow_bf16, caplog):
-    from library.gen_loading import resolve_dtype
+    from library.generation.loading import resolve_dtype
 
     args = types.SimpleNamespace(fp16=False, full_fp16=False, bf16=True, full_bf16=False)
     with caplog.at_level(logging.WARNING):
@@ -88,12 +88,12 @@ def test_cache_tools_resolve_bf16_as_the_training_run_does(slow_bf16, monkeypatc
 
 def test_a_bf16_lora_run_without_bf16_kernels_is_the_float32_run(slow_bf16, tiny_checkpoint, photo_dir, tmp_path):
     """The same command still trains, at float32 speed, and writes the float32 run's file."""
-    from library import safetensors_io
-    from library.frozen_weights import compute_dtype
-    from library.script_parsers import network_parser
-    from library.task_network import NetworkTask
-    from library.train_args import parse_args
-    from library.trainer import train
+    from library.models import safetensors_io
+    from library.models.frozen_weights import compute_dtype
+    from library.training.script_parsers import network_parser
+    from library.training.task_network import NetworkTask
+    from library.training.train_args import parse_args
+    from library.training.trainer import train
 
     model = tiny_checkpoint("sd1")
     files = {}

@@ -1,4 +1,4 @@
-"""EMA of the trained weights (library/ema.py): the update rule, swapping, state, and the LoRA trainer."""
+"""EMA of the trained weights (library/training/ema.py): the update rule, swapping, state, and the LoRA trainer."""
 
 import argparse
 import os
@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from library import safetensors_io
-from library.ema import EMA, add_ema_arguments, check_ema_args, decay_at, split_state
+from library.models import safetensors_io
+from library.training.ema import EMA, add_ema_arguments, check_ema_args, decay_at, split_state
 from library.errors import UserError
 
 
@@ -106,11 +106,11 @@ def photo_dir(tmp_path_factory):
 
 
 def test_lora_saves_and_samples_the_ema(tiny_checkpoint, photo_dir, tmp_path, monkeypatch):
-    from library import sampling
-    from library.script_parsers import network_parser
-    from library.task_network import NetworkTask
-    from library.train_args import parse_args
-    from library.trainer import train
+    from library.generation import sampling
+    from library.training.script_parsers import network_parser
+    from library.training.task_network import NetworkTask
+    from library.training.train_args import parse_args
+    from library.training.trainer import train
 
     seen = []
 

@@ -1,7 +1,7 @@
 """The fine-tuning metadata tools: merging caption/tag files into metadata JSON and cleaning it.
 
 Runs the scripts as a user does (subprocesses, exit codes, messages) on a small tree of real
-images, and calls `library.metadata_json` directly for the cleanup rules and atomic writing.
+images, and calls `library.data.metadata_json` directly for the cleanup rules and atomic writing.
 """
 
 import importlib.util
@@ -14,10 +14,10 @@ import sys
 import pytest
 from PIL import Image
 
-from library import metadata_json
-from library.dataset_sources import metadata_caption, resolve_metadata_key
+from library.data import metadata_json
+from library.data.sources import metadata_caption, resolve_metadata_key
 from library.errors import UserError
-from library.metadata_json import clean_caption, clean_tags
+from library.data.metadata_json import clean_caption, clean_tags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTIONS = "finetune/merge_captions_to_metadata.py"
@@ -291,4 +291,4 @@ def test_help_is_light(script):
                        text=True, timeout=60)
     assert r.returncode == 0 and "usage:" in r.stdout
     imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if "|" in line}
-    assert not imported & {"torch", "PIL", "numpy", "library.metadata_json"}
+    assert not imported & {"torch", "PIL", "numpy", "library.data.metadata_json"}

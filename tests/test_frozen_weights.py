@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from library import safetensors_io
+from library.models import safetensors_io
 
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket"]
 
@@ -14,10 +14,10 @@ PHOTOS = ["astronaut", "chelsea", "coffee", "rocket"]
 @pytest.fixture(scope="module")
 def half_and_full(tmp_path_factory):
     """The same tiny weights twice: stored in fp16, and stored as the float32 values of those fp16s."""
-    from library.families import get_family
-    from library.model_loading import load_models
-    from library.model_saving import save_models
-    from library.random_models import build_random_models
+    from library.models.families import get_family
+    from library.models.loading import load_models
+    from library.models.saving import save_models
+    from library.models.random_models import build_random_models
 
     root = tmp_path_factory.mktemp("half_models")
     paths = {}
@@ -46,10 +46,10 @@ def common(model, data, out, *extra):
 
 
 def train_lora(argv, sdxl=False, module=("networks.lora",)):
-    from library.script_parsers import network_parser
-    from library.task_network import NetworkTask
-    from library.train_args import parse_args
-    from library.trainer import train
+    from library.training.script_parsers import network_parser
+    from library.training.task_network import NetworkTask
+    from library.training.train_args import parse_args
+    from library.training.trainer import train
 
     # SGD: its steps are proportional to the gradients, so float rounding differences in them stay
     # rounding-sized (Adam's first steps turn near-zero gradients into full-size ones)
@@ -64,7 +64,7 @@ def max_diff(a, b):
 
 
 def test_upcasting_layers_equal_float32_layers():
-    from library.frozen_weights import hold_in_half
+    from library.models.frozen_weights import hold_in_half
 
     torch.manual_seed(0)
     full = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.GroupNorm(2, 8), torch.nn.SiLU(),
@@ -92,8 +92,8 @@ def test_frozen_linear_by_weight_row_blocks_matches_torch(rows, layout, monkeypa
     F.linear. Either way the output and input gradient are torch's. Where blocks also serve float32
     weights (weight_left), fp16-held and float32 weights agree exactly; on input_left a float32
     weight has nothing to upcast and multiplies as it is."""
-    from library import frozen_weights
-    from library.frozen_weights import hold_in_half
+    from library.models import frozen_weights
+    from library.models.frozen_weights import hold_in_half
 
     monkeypatch.setattr(frozen_weights, "_BLOCK_ELEMENTS", 16 * 24)  # 16-row blocks of a 24-wide weight
     monkeypatch.setattr(frozen_weights, "_THIN_LAYOUT", layout)
@@ -126,7 +126,7 @@ def test_frozen_linear_by_weight_row_blocks_matches_torch(rows, layout, monkeypa
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_lora_on_an_fp16_file_equals_float32_training(family, half_and_full, photo_dir, tmp_path):
-    from library.frozen_weights import compute_dtype, is_held_in_half
+    from library.models.frozen_weights import compute_dtype, is_held_in_half
 
     half, full = half_and_full[family]
     sdxl = family == "sdxl"
@@ -158,7 +158,7 @@ def test_lora_on_an_fp16_file_equals_float32_training(family, half_and_full, pho
 def test_other_network_modules_on_an_fp16_file(module, half_and_full, photo_dir, tmp_path):
     """Our adapters find the held layers by class name and call their forward: same result as float32.
     Plugins may compute with the base weight tensor itself (LyCORIS does), so they get float32 ones."""
-    from library.frozen_weights import is_held_in_half
+    from library.models.frozen_weights import is_held_in_half
 
     if module[0] == "lycoris.kohya":
         pytest.importorskip("lycoris")
@@ -172,10 +172,10 @@ def test_other_network_modules_on_an_fp16_file(module, half_and_full, photo_dir,
 
 
 def test_embedding_on_an_fp16_file_equals_float32_training(half_and_full, photo_dir, tmp_path):
-    from library.task_embedding import EmbeddingTask
-    from library.train_args import parse_args
-    from library.ti_args import ti_parser
-    from library.trainer import train
+    from library.training.task_embedding import EmbeddingTask
+    from library.training.train_args import parse_args
+    from library.training.ti_args import ti_parser
+    from library.training.trainer import train
 
     half, full = half_and_full["sd1"]
     extra = ["--token_string", "sks", "--init_word", "photo", "--num_vectors_per_token", "2"]
@@ -191,8 +191,8 @@ def test_bf16_on_cpu_holds_the_frozen_u_net_and_text_encoders_in_bf16(half_and_f
     """--mixed_precision bf16 on a CPU with bf16 kernels: the frozen U-Net and text encoders are read in
     bf16 (as sd-scripts holds them) and computed in bf16 through the frozen layers' CPU paths; the VAE
     is left plain. The LoRA it trains is the float32 run's to bf16 accuracy."""
-    from library import device_setup
-    from library.frozen_weights import compute_dtype, is_held_in_half, uses_frozen_layers
+    from library.models import device_setup
+    from library.models.frozen_weights import compute_dtype, is_held_in_half, uses_frozen_layers
 
     monkeypatch.setattr(device_setup, "cpu_has_fast_bf16", lambda: True)  # the tiny model is quick either way
 
@@ -203,7 +203,7 @@ def test_bf16_on_cpu_holds_the_frozen_u_net_and_text_encoders_in_bf16(half_and_f
                             "--sample_prompts", str(prompts), "--sample_at_first"))
     assert len([f for f in os.listdir(tmp_path / "bf16" / "sample") if f.endswith(".png")]) == 1
     conv = run.models.unet.down_blocks[0].resnets[0].conv1
-    assert type(conv).__module__ == "library.frozen_weights" and conv.weight.dtype == torch.bfloat16
+    assert type(conv).__module__ == "library.models.frozen_weights" and conv.weight.dtype == torch.bfloat16
     assert compute_dtype(run.models.unet) == torch.bfloat16 and run.models.unet.dtype == torch.bfloat16
     assert uses_frozen_layers(run.models.text_encoders[0]) and not uses_frozen_layers(run.models.vae)
     run = train_lora(common(half, photo_dir, str(tmp_path / "f32")))
@@ -224,8 +224,8 @@ def test_bf16_on_cpu_holds_the_frozen_u_net_and_text_encoders_in_bf16(half_and_f
 def test_bf16_frozen_conv_under_autocast_matches_float32(side, stride, batch, kernel):
     """Maps up to 8x8 take unfold + one bf16 GEMM, larger ones oneDNN: either way, under autocast, the
     output and input gradient are the float32 convolution's of the same weights, to bf16 accuracy."""
-    from library import frozen_weights
-    from library.frozen_weights import hold_in_half
+    from library.models import frozen_weights
+    from library.models.frozen_weights import hold_in_half
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(24, 40, kernel, stride=stride, padding=kernel // 2).bfloat16().requires_grad_(False)
@@ -246,8 +246,8 @@ def test_bf16_frozen_conv_under_autocast_matches_float32(side, stride, batch, ke
 
 
 def test_bf16_frozen_linear_under_autocast_takes_float32_input_without_upcasting_its_weight(monkeypatch):
-    from library import frozen_weights
-    from library.frozen_weights import hold_in_half
+    from library.models import frozen_weights
+    from library.models.frozen_weights import hold_in_half
 
     monkeypatch.setattr(frozen_weights, "_buffers", frozen_weights._UpcastBuffers())
     torch.manual_seed(0)
@@ -271,7 +271,7 @@ def test_bf16_frozen_linear_under_autocast_takes_float32_input_without_upcasting
 def test_frozen_conv_on_any_map_size_matches_torch_and_leaves_onednn_as_it_was(side):
     """Small maps take im2col+GEMM, large ones oneDNN: both give the float32 convolution, forward and
     input gradient, and the process-wide oneDNN switch is back as it was after each op."""
-    from library.frozen_weights import hold_in_half
+    from library.models.frozen_weights import hold_in_half
 
     torch.manual_seed(0)
     reference = torch.nn.Conv2d(24, 16, 3, padding=1)

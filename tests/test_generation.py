@@ -11,13 +11,12 @@ import pytest
 import torch
 
 from library.errors import UserError
-from library.families import SD1, SDXL
-from library.generation import BatchSettings, GenerationEngine, HighresFix, ImageJob
-from library.random_models import build_random_models
-from library.tokenizer import load_tokenizers
+from library.models.families import SD1, SDXL
+from library.generation.engine import BatchSettings, GenerationEngine, HighresFix, ImageJob
+from library.models.random_models import build_random_models
+from library.text.tokenizer import load_tokenizers
 
-FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                        "shared", "fixtures", "sd-scripts")
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "sd-scripts")
 SMALL = BatchSettings(64, 64, steps=3, sampler="euler")
 
 
@@ -55,7 +54,7 @@ def latents(engine, jobs, settings=SMALL):
 
 # --- samplers and schedulers ------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", __import__("library.samplers", fromlist=["x"]).ALL_SAMPLERS)
+@pytest.mark.parametrize("name", __import__("library.generation.samplers", fromlist=["x"]).ALL_SAMPLERS)
 def test_every_sampler_gives_finite_images(sd1_engine, name):
     images = sd1_engine.generate([ImageJob("a red cat", "blurry", 3)], BatchSettings(64, 64, steps=3, sampler=name))
     pixels = torch.tensor(list(images[0].getdata()), dtype=torch.float32)
@@ -64,7 +63,7 @@ def test_every_sampler_gives_finite_images(sd1_engine, name):
 
 
 def test_scheduler_settings():
-    from library.samplers import canonical_name, make_scheduler
+    from library.generation.samplers import canonical_name, make_scheduler
 
     ddim = make_scheduler("ddim", v_parameterization=True)
     assert (ddim.config.clip_sample, ddim.config.steps_offset, ddim.config.prediction_type) == (False, 1, "v_prediction")
@@ -79,7 +78,7 @@ def test_scheduler_settings():
 
 @pytest.mark.parametrize("name", ["ddim", "euler_a", "lms", "dpmsingle"])
 def test_zero_terminal_snr_schedule(sd1, name):
-    from library.samplers import make_scheduler
+    from library.generation.samplers import make_scheduler
 
     scheduler = make_scheduler(name, zero_terminal_snr=True)
     assert float(scheduler.alphas_cumprod[-1]) < 1e-6  # SNR at t=999 is (almost) zero
@@ -188,7 +187,7 @@ def _network_args(files, muls=None, merge=False):
 
 
 def test_lora_multiplier_zero_is_the_base_image_and_two_loras_combine(tmp_path):
-    from library.gen_loading import load_networks
+    from library.generation.loading import load_networks
 
     models, tokenizers = tiny(SD1, seed=1)
     base = latents(GenerationEngine(models, tokenizers, "cpu"), [ImageJob("a cat", "dog", 3)])
@@ -210,7 +209,7 @@ def test_lora_multiplier_zero_is_the_base_image_and_two_loras_combine(tmp_path):
 
 
 def test_lora_merge_matches_dynamic_application(tmp_path):
-    from library.gen_loading import load_networks
+    from library.generation.loading import load_networks
 
     models, tokenizers = tiny(SD1, seed=2)
     file = _make_lora(models, tmp_path / "m.safetensors", 3)
@@ -226,11 +225,9 @@ def test_lora_merge_matches_dynamic_application(tmp_path):
 
 
 def test_lora_of_another_model_is_refused(tmp_path, sd1):
-    from library.gen_loading import load_networks
+    from library.generation.loading import load_networks
 
     real_sd15 = os.path.join(FIXTURES, "lora_sd15_lierla_dim4.safetensors")
-    if not os.path.isfile(real_sd15):
-        pytest.skip("shared fixtures not found")
     models, _ = tiny(SD1, seed=3)
     with pytest.raises(UserError, match="lora_sd15_lierla_dim4.safetensors"):
         load_networks(_network_args([real_sd15]), models, torch.float32, torch.device("cpu"))
@@ -244,8 +241,6 @@ def test_lora_of_another_model_is_refused(tmp_path, sd1):
 
 def _fixture_layout(name):
     path = os.path.join(FIXTURES, name)
-    if not os.path.isfile(path):
-        pytest.skip("shared fixtures not found")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -263,7 +258,7 @@ def _save_like_fixture(layout, path, widths, seed=0):
 
 @pytest.mark.parametrize("form", ["sd-scripts", "sd-scripts-pt", "a1111"])
 def test_textual_inversion_changes_only_prompts_with_the_token(tmp_path, form):
-    from library.gen_loading import load_textual_inversion
+    from library.generation.loading import load_textual_inversion
 
     models, tokenizers = tiny(SD1)
     engine = GenerationEngine(models, tokenizers, "cpu")
@@ -291,7 +286,7 @@ def test_textual_inversion_changes_only_prompts_with_the_token(tmp_path, form):
 
 
 def test_textual_inversion_sdxl_and_mismatches(tmp_path):
-    from library.gen_loading import load_textual_inversion
+    from library.generation.loading import load_textual_inversion
 
     models, tokenizers = tiny(SDXL)
     layout = _fixture_layout("ti_sdxl_2vec.keys.json")
@@ -320,7 +315,7 @@ def test_textual_inversion_sdxl_and_mismatches(tmp_path):
 def test_png_parameters_round_trip(tmp_path):
     from PIL import Image
 
-    from library.png_info import format_parameters, parse_parameters, read_png_info, save_png
+    from library.generation.png_info import format_parameters, parse_parameters, read_png_info, save_png
 
     info = dict(prompt="a, (cat:1.2)\nsecond line", negative_prompt='ugly: bad, "x"', steps=20, sampler="euler_a",
                 scale=7.5, negative_scale=2.5, seed=4294967295, width=512, height=768, strength=0.6, clip_skip=2,
@@ -340,7 +335,7 @@ def test_png_parameters_round_trip(tmp_path):
 
 
 def test_prompt_line_options(caplog):
-    from library.prompt_options import parse_prompt_line
+    from library.generation.prompt_options import parse_prompt_line
 
     parsed = parse_prompt_line("a cat, (red:1.2) --n blurry, bad --W 768 --h 512 --s 2000 --d 1,2 --l 5.5 --nl none "
                                "--t 0.4 --am 0.5,1 --ss k_euler --ow 1024 --ct 8 --f name.png")
@@ -354,7 +349,7 @@ def test_prompt_line_options(caplog):
 
 
 def test_prompt_files(tmp_path):
-    from library.prompt_options import load_prompt_file
+    from library.generation.prompt_options import load_prompt_file
 
     (tmp_path / "p.txt").write_text("# comment\na cat --d 3\n\n  a dog --n cat\n", encoding="utf-8")
     assert load_prompt_file(str(tmp_path / "p.txt")) == [
@@ -388,7 +383,7 @@ def _gen_img(argv):
 def test_gen_img_command_line(tmp_path, tiny_checkpoint, caplog, monkeypatch):
     from PIL import Image
 
-    from library.png_info import read_png_info
+    from library.generation.png_info import read_png_info
 
     ckpt = tiny_checkpoint("sd1")
     out = tmp_path / "out"

@@ -1,4 +1,4 @@
-"""Gradient averaging over micro-batches and processes (library/grad_sync.py), with two real gloo
+"""Gradient averaging over micro-batches and processes (library/training/grad_sync.py), with two real gloo
 processes: the mean over every micro-batch of both, half-precision gradients reduced in their own
 dtype and in bounded buckets, tensors without a gradient anywhere left without one."""
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from library.grad_sync import average_gradients, buckets
+from library.training.grad_sync import average_gradients, buckets
 
 BUCKET = 1024  # bytes: small, so that the tensors below need several buckets
 

@@ -1,4 +1,4 @@
-"""Tests of library.image_files: header sizes, bad-file detection and mode conversions, on
+"""Tests of library.data.image_files: header sizes, bad-file detection and mode conversions, on
 scikit-image's bundled photos and hand-made broken files."""
 
 import struct
@@ -11,7 +11,7 @@ from PIL import Image, ImageOps, features
 from skimage import data
 
 from library.errors import UserError
-from library.image_files import (
+from library.data.image_files import (
     IMAGE_EXTENSIONS,
     check_image,
     is_image_file,

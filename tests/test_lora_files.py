@@ -8,10 +8,10 @@ import os
 import pytest
 import torch
 
-from library import lora_metadata
+from library.training import lora_metadata
 from library.errors import UserError
-from library.families import FAMILIES
-from library.safetensors_io import load_tensors, read_header, save_tensors
+from library.models.families import FAMILIES
+from library.models.safetensors_io import load_tensors, read_header, save_tensors
 from networks import lora
 
 REAL_FILE = ("sd-scripts", "lora_sd15_lierla_dim4.safetensors")
@@ -19,7 +19,7 @@ REAL_FILE = ("sd-scripts", "lora_sd15_lierla_dim4.safetensors")
 
 @pytest.fixture(scope="module")
 def tiny_sd1():
-    from library.random_models import build_random_models
+    from library.models.random_models import build_random_models
 
     return build_random_models(FAMILIES["sd1"], "tiny", 0)
 
@@ -112,7 +112,7 @@ def test_loads_int64_alphas_of_real_file(fixtures_dir, tiny_sd1):
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    from library import clip_convert, unet_convert
+    from library.models import clip_convert, unet_convert
 
     family = FAMILIES["sd1"]
     with init_empty_weights():
@@ -133,7 +133,7 @@ def test_sd2_conv_projection_files_load_into_linear(tmp_path):
     """kohya's SD2 single-file U-Net has 1x1 conv projections: 4-D LoRA tensors for our Linear."""
     from diffusers import UNet2DConditionModel
 
-    from library import unet_convert
+    from library.models import unet_convert
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(unet_convert.unet_config(FAMILIES["sd2"], "tiny"))

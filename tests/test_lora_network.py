@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from library.errors import UserError
-from library.families import FAMILIES
+from library.models.families import FAMILIES
 from networks import dylora, lora, lora_fa, lora_names
 
 SD_SCRIPTS = "sd-scripts"
@@ -23,7 +23,7 @@ def _meta_models(family_name):
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    from library import clip_convert, unet_convert
+    from library.models import clip_convert, unet_convert
 
     family = FAMILIES[family_name]
     with init_empty_weights():
@@ -47,7 +47,7 @@ def meta_models():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from library.random_models import build_random_models
+    from library.models.random_models import build_random_models
 
     cache = {}
 
@@ -162,7 +162,7 @@ def test_from_real_file_reads_ranks_and_alphas(meta_models, fixtures_dir):
 
 
 def test_sdxl_file_with_diffusers_unet_names_is_converted(meta_models):
-    from library import unet_convert
+    from library.models import unet_convert
 
     unet, tes = meta_models("sdxl")
     network = lora.create_network(1.0, 4, 1, None, tes, unet, conv_dim="2")

@@ -6,12 +6,12 @@ import os
 import pytest
 import torch
 
-from library import checkpoint_io, safetensors_io
+from library.models import checkpoint_io, safetensors_io
 from library.errors import UserError
-from library.families import FAMILIES, get_family
-from library.model_loading import load_models
-from library.model_saving import FORMATS, original_state_dict, save_models
-from library.random_models import build_random_models
+from library.models.families import FAMILIES, get_family
+from library.models.loading import load_models
+from library.models.saving import FORMATS, original_state_dict, save_models
+from library.models.random_models import build_random_models
 
 FAMILY_NAMES = ["sd1", "sd2", "sdxl"]
 
@@ -228,8 +228,8 @@ def full_size_meta_models(family):
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from library import clip_convert, unet_convert, vae_convert
-    from library.model_loading import StableDiffusionModels
+    from library.models import clip_convert, unet_convert, vae_convert
+    from library.models.loading import StableDiffusionModels
 
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(unet_convert.unet_config(family, "full"))
@@ -335,7 +335,7 @@ def test_tiny_models_have_the_full_size_key_structure(family):
     ("ti_sd15_2vec", "sd1", "textual-inversion"), ("ti_sdxl_2vec", "sdxl", "textual-inversion"),
 ])
 def test_modelspec_values_match_what_sd_scripts_writes(fixture, family, kind, fixtures_dir):
-    from library import modelspec
+    from library.models import modelspec
 
     theirs = json.load(open(os.path.join(fixtures_dir, "sd-scripts", fixture + ".keys.json")))["metadata"]
     ours = modelspec.build_metadata(FAMILIES[family], False, "t", kind=kind)

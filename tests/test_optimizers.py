@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from library.errors import UserError
-from library.lr_schedulers import build_lr_scheduler, parse_kv_args, resolve_steps, steps_or_fraction
-from library.optimizers import (
+from library.training.lr_schedulers import add_lr_scheduler_arguments, build_lr_scheduler, resolve_steps, steps_or_fraction
+from library.training.optimizers import (
     OPTIMIZER_TYPES,
     adaptive_lrs,
     add_optimizer_arguments,
@@ -21,14 +21,15 @@ from library.optimizers import (
     optimizer_eval_mode,
     optimizer_metadata,
     optimizer_train_mode,
+    parse_kv_args,
 )
 
-OPT_LOGGER = "library.optimizers"
+OPT_LOGGER = "library.training.optimizers"
 
 
 def parse(*argv):
     parser = argparse.ArgumentParser()
-    add_optimizer_arguments(parser)
+    add_lr_scheduler_arguments(add_optimizer_arguments(parser))
     return parser.parse_args(list(argv))
 
 
@@ -116,7 +117,7 @@ def test_every_optimizer_type_builds_and_steps(optimizer_type, no_cuda, tmp_path
         scheduler.step()
     changed = [not torch.equal(b, p) for b, p in zip(before, model.parameters())]
     assert all(changed), f"{optimizer_type} left parameters unchanged"
-    # resume reads optimizer state with weights_only=True (library/train_state.py)
+    # resume reads optimizer state with weights_only=True (library/training/train_state.py)
     buffer = io.BytesIO()
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, buffer)
     buffer.seek(0)
@@ -351,7 +352,7 @@ def test_schedule_free_train_eval_switching(caplog):
                  "--lr_scheduler", "cosine", "--lr_warmup_steps", "3")
     _, _, optimizer = build_optimizer(args, model.parameters())
     assert is_schedule_free(optimizer)
-    with caplog.at_level(logging.WARNING, logger="library.lr_schedulers"):
+    with caplog.at_level(logging.WARNING, logger="library.training.lr_schedulers"):
         scheduler = build_lr_scheduler(args, optimizer, 10, 1)
     assert "warmup_steps=N" in caplog.text
     for seed in range(3):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from library import checkpoint_io, safetensors_io
+from library.models import checkpoint_io, safetensors_io
 from library.errors import UserError
 
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from library.families import SD1, SDXL
-from library.png_info import read_png_info
-from library.random_models import build_random_models
-from library.sampling import sample_file_name, sample_images
-from library.tokenizer import load_tokenizers
+from library.models.families import SD1, SDXL
+from library.generation.png_info import read_png_info
+from library.models.random_models import build_random_models
+from library.generation.sampling import sample_file_name, sample_images
+from library.text.tokenizer import load_tokenizers
 
 
 @pytest.fixture(scope="module", autouse=True)

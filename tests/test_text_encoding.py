@@ -1,4 +1,4 @@
-"""Tests for library/text_encoding.py on tiny random models: chunked ids, re-assembly, layer selection,
+"""Tests for library/text/encoding.py on tiny random models: chunked ids, re-assembly, layer selection,
 SDXL pooled/time ids/`y`, and prompt weighting for training and generation."""
 
 import copy
@@ -10,11 +10,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from library import text_encoding as te
+from library.text import encoding as te
 from library.errors import UserError
-from library.families import SD1, SD2, SDXL
-from library.random_models import build_random_models
-from library.tokenizer import load_tokenizers
+from library.models.families import SD1, SD2, SDXL
+from library.models.random_models import build_random_models
+from library.text.tokenizer import load_tokenizers
 
 BOS, EOS = 49406, 49407
 A = 320  # "a"
@@ -299,7 +299,7 @@ def test_generation_keeps_every_chunk_and_shares_length(conditioners, caplog):
         gen = cond.encode_weighted([CAPTION, LONG_80], max_embeddings_multiples=3)
     assert gen.context.shape == (2, 154, 32)  # two chunks of 77, BOS/EOS of each kept
     close(gen.context[1], chunks.reshape(154, 32))
-    with caplog.at_level(logging.WARNING, logger="library.text_encoding"), torch.no_grad():
+    with caplog.at_level(logging.WARNING, logger="library.text.encoding"), torch.no_grad():
         assert cond.encode_weighted([LONG_80], max_embeddings_multiples=1).context.shape == (1, 77, 32)
     assert "truncated to 75 tokens" in caplog.text
 

@@ -1,4 +1,4 @@
-"""Tests for library/tokenizer.py: offline CLIP tokenizer ids, padding rules, cache and Diffusers folders."""
+"""Tests for library/text/tokenizer.py: offline CLIP tokenizer ids, padding rules, cache and Diffusers folders."""
 
 import importlib.util
 import json
@@ -10,9 +10,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-from library import tokenizer as tk
+from library.text import tokenizer as tk
 from library.errors import UserError
-from library.families import SD1, SD2, SDXL
+from library.models.families import SD1, SD2, SDXL
 
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -226,7 +226,7 @@ def test_empty_diffusers_tokenizer_folder_raises_user_error(tmp_path):
 
 def test_vocab_built_without_importing_torch_or_open_clip():
     code = (
-        "import sys; from library.tokenizer import clip_vocab_and_merges; v, m = clip_vocab_and_merges(); "
+        "import sys; from library.text.tokenizer import clip_vocab_and_merges; v, m = clip_vocab_and_merges(); "
         "print(len(v), 'open_clip' in sys.modules, 'torch' in sys.modules, 'transformers' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)

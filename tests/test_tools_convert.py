@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from library import safetensors_io
-from library.model_loading import load_models
+from library.models import safetensors_io
+from library.models.loading import load_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

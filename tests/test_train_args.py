@@ -4,10 +4,10 @@ import os
 
 import pytest
 
-from library import save_policy
+from library.training import save_policy
 from library.errors import UserError
-from library.script_parsers import network_parser
-from library.train_args import parse_args
+from library.training.script_parsers import network_parser
+from library.training.train_args import parse_args
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests of library.dataset_scan and library.train_dataset on scikit-image photos and hand-made bad files:
+"""Tests of library.data.scan and library.data.train_dataset on scikit-image photos and hand-made bad files:
 bad-file detection, skipping, bucketed batches, determinism, batch contents for SD1/SDXL, captions,
 masks, conditioning images, cache hooks."""
 
@@ -15,14 +15,14 @@ import torch
 from PIL import Image
 from skimage import data
 
-from library import bucketing, dataset_flags
-from library.dataset_check import add_dataset_check_arguments, scan_from_args
-from library.dataset_config import load_dataset_config
-from library.dataset_scan import scan_dataset
+from library.data import bucketing, flags as dataset_flags
+from library.data.check import add_dataset_check_arguments, scan_from_args
+from library.data.config import load_dataset_config
+from library.data.scan import scan_dataset
 from library.errors import UserError
-from library.families import SD1, SDXL
-from library.tokenizer import load_tokenizer
-from library.train_dataset import (
+from library.models.families import SD1, SDXL
+from library.text.tokenizer import load_tokenizer
+from library.data.train_dataset import (
     SampleDescriptor,
     TrainDataset,
     color_augment,

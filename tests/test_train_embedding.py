@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from library import embedding_files, safetensors_io
+from library.models import embedding_files, safetensors_io
 from library.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,23 +37,23 @@ def ti_args(model, data, out, *extra, sdxl=False):
 
 
 def parse(args, sdxl=False):
-    from library.ti_args import ti_parser
-    from library.train_args import parse_args
+    from library.training.ti_args import ti_parser
+    from library.training.train_args import parse_args
 
     return parse_args(ti_parser(sdxl=sdxl, description=""), args)
 
 
 def run_training(args, sdxl=False):
-    from library.task_embedding import EmbeddingTask
-    from library.trainer import train
+    from library.training.task_embedding import EmbeddingTask
+    from library.training.trainer import train
 
     return train(parse(args, sdxl), EmbeddingTask(sdxl=sdxl))
 
 
 def prepare(args, sdxl=False):
     """Everything up to the first step (model, tokens, dataset, optimizer), without training."""
-    from library.task_embedding import EmbeddingTask
-    from library.trainer import prepare_run
+    from library.training.task_embedding import EmbeddingTask
+    from library.training.trainer import prepare_run
 
     task = EmbeddingTask(sdxl=sdxl)
     return prepare_run(parse(args, sdxl), task), task
@@ -65,7 +65,8 @@ def training_draws_loss(run, task, steps):
     A random tiny U-Net barely listens to its text, so unseen noise shows no reliable change from
     two trained vectors; on the draws it was trained on, the objective must have gone down.
     """
-    from library.trainer import micro_step_loss, step_generator
+    from library.training.run import step_generator
+    from library.training.step_loss import micro_step_loss
 
     per_epoch = run.steps_per_epoch
     out = []
@@ -80,7 +81,7 @@ def training_draws_loss(run, task, steps):
 def assert_only_new_rows_changed(run, task, model_path, sdxl):
     """Every weight of the run's models equals the checkpoint's, bit for bit; the token tables
     grew by exactly the trained rows."""
-    from library.model_loading import load_models
+    from library.models.loading import load_models
 
     fresh = load_models(model_path, sdxl=sdxl)
     for trained, base in zip(run.models.text_encoders, fresh.text_encoders):
@@ -137,7 +138,7 @@ def test_sd1_embedding_trains_only_new_rows(tiny_checkpoint, photo_dir, tmp_path
     assert trained < before * 0.995, (trained, before)
 
     # our generator loads the file (token = file stem) into a fresh model with the trained rows
-    from library.gen_loading import load_textual_inversion
+    from library.generation.loading import load_textual_inversion
 
     tokenizers = [t for t in _fresh_tokenizers(fresh.family)]
     expand = load_textual_inversion([path], fresh.family, tokenizers, fresh.text_encoders)
@@ -147,7 +148,7 @@ def test_sd1_embedding_trains_only_new_rows(tiny_checkpoint, photo_dir, tmp_path
 
 
 def _fresh_tokenizers(family):
-    from library.tokenizer import load_tokenizers
+    from library.text.tokenizer import load_tokenizers
 
     return load_tokenizers(family)
 
@@ -263,7 +264,7 @@ def test_weights_start_the_vectors_and_must_fit(tiny_checkpoint, photo_dir, tmp_
 
 
 def test_script_rejects_bad_flags(tmp_path):
-    from library.task_embedding import EmbeddingTask
+    from library.training.task_embedding import EmbeddingTask
 
     base = ["--output_dir", str(tmp_path), "--token_string", TOKEN]
     for extra, message in ((["--use_object_template", "--use_style_template"], "exclude each other"),
@@ -282,7 +283,7 @@ def test_script_rejects_bad_flags(tmp_path):
 
 
 def test_parser_stays_torch_free():
-    code = ("import sys; from library.ti_args import ti_parser; p = ti_parser(True, ''); "
+    code = ("import sys; from library.training.ti_args import ti_parser; p = ti_parser(True, ''); "
             "a = p.parse_args(['--token_string', 'x', '--weights', 'w.pt']); "
             "assert a.num_vectors_per_token == 1 and a.save_model_as == 'pt' and not a.use_style_template; "
             "assert 'torch' not in sys.modules, 'torch imported'")
@@ -299,7 +300,7 @@ def test_parser_stays_torch_free():
 
 
 def test_new_rows_embedding_trains_only_its_rows():
-    from library.task_embedding import NewRowsEmbedding
+    from library.training.task_embedding import NewRowsEmbedding
 
     base = torch.nn.Embedding(10, 4)
     base.requires_grad_(False)

@@ -1,14 +1,12 @@
 """train_db.py, fine_tune.py and sdxl_train.py end to end on tiny models and photos from scikit-image."""
 
 import json
-import os
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from library import safetensors_io
+from library.models import safetensors_io
 from library.errors import UserError
 
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket"]
@@ -60,10 +58,10 @@ def sdxl_args(model, data, out, *extra):
 
 
 def train(script, argv):
-    from library import script_parsers
-    from library.task_full import FullModelTask
-    from library.train_args import parse_args
-    from library.trainer import train as run_training
+    from library.training import script_parsers
+    from library.training.task_full import FullModelTask
+    from library.training.train_args import parse_args
+    from library.training.trainer import train as run_training
 
     parser = {"db": script_parsers.db_parser, "fine_tune": script_parsers.fine_tune_parser,
               "sdxl": script_parsers.sdxl_train_parser}[script]
@@ -72,7 +70,8 @@ def train(script, argv):
 
 def fixed_loss(run, task, n_batches=4):
     """Mean loss over the first batches of epoch 1 with fixed noise and timesteps."""
-    from library.trainer import micro_step_loss, step_generator
+    from library.training.run import step_generator
+    from library.training.step_loss import micro_step_loss
 
     batches = run.dataset.epoch_batches(1)
     values = []
@@ -85,7 +84,7 @@ def fixed_loss(run, task, n_batches=4):
 
 def loss_with_base_weights(run, task, base):
     """`fixed_loss` after putting the base model's U-Net and text encoders back into the run."""
-    from library.clip_convert import classic_to_model_keys
+    from library.models.clip_convert import classic_to_model_keys
 
     original = component_states(base)
     with torch.no_grad():
@@ -96,8 +95,8 @@ def loss_with_base_weights(run, task, base):
 
 
 def component_states(path):
-    from library.clip_convert import model_to_classic_keys
-    from library.model_loading import load_models
+    from library.models.clip_convert import model_to_classic_keys
+    from library.models.loading import load_models
 
     models = load_models(path)
     out = {"unet": models.unet.state_dict(), "vae": models.vae.state_dict()}
@@ -135,7 +134,7 @@ def test_train_db_loss_falls_and_saved_model_loads(tiny_checkpoint, photo_dir, t
 def test_train_db_resume_with_text_encoder_stop_and_ema(tiny_checkpoint, photo_dir, tmp_path):
     """A run resumed from step 2 ends where the straight run does (weights and EMA); the text
     encoder stopped after step 1 in both; the saved file is the EMA one."""
-    from library.train_state import WEIGHTS_FILE
+    from library.training.train_state import WEIGHTS_FILE
 
     base = tiny_checkpoint("sd1")
     extra = ["--max_train_steps", "4", "--stop_text_encoder_training", "1", "--learning_rate_te", "1e-4",
@@ -156,7 +155,7 @@ def test_train_db_resume_with_text_encoder_stop_and_ema(tiny_checkpoint, photo_d
     unet = [k for k in a if k.startswith("unet.")]
     assert te and unet
     assert max(float((a[k] - step1[k]).abs().max()) for k in te) == 0  # frozen after step 1
-    from library.model_loading import load_models
+    from library.models.loading import load_models
     base_te = load_models(base).text_encoders[0].state_dict()
     assert max(float((step1[k] - base_te[k[len("text_encoder."):]]).abs().max()) for k in te) > 0  # trained in step 1
     assert max(float((a[k] - step1[k]).abs().max()) for k in unet) > 0
@@ -189,7 +188,7 @@ def test_fine_tune_without_latent_cache_saves_a_diffusers_folder(tiny_checkpoint
 
 def test_fine_tune_mixed_precision_starts_from_the_exact_float32_base(tiny_checkpoint, photo_dir, tmp_path, monkeypatch):
     """Trained parts are float32 copies of the file, not bf16-rounded ones; frozen ones stay bf16."""
-    from library import device_setup
+    from library.models import device_setup
 
     monkeypatch.setattr(device_setup, "cpu_has_fast_bf16", lambda: True)  # as on a CPU with bf16 kernels
     base = tiny_checkpoint("sd1")
@@ -212,8 +211,8 @@ def test_fine_tune_needs_metadata(tiny_checkpoint, photo_dir, tmp_path):
 
 
 def test_block_lr_maps_every_sdxl_block(tiny_checkpoint):
-    from library.model_loading import load_models
-    from library.task_full import parse_block_lr, unet_block_indices
+    from library.models.loading import load_models
+    from library.training.task_full import parse_block_lr, unet_block_indices
 
     unet = load_models(tiny_checkpoint("sdxl")).unet
     index = unet_block_indices(unet)
@@ -254,7 +253,7 @@ def test_sdxl_block_lr_and_text_encoder_lrs(tiny_checkpoint, photo_dir, tmp_path
 
 
 def test_sdxl_resume_with_fused_adafactor_and_both_text_encoders(tiny_checkpoint, photo_dir, tmp_path):
-    from library.train_state import WEIGHTS_FILE
+    from library.training.train_state import WEIGHTS_FILE
 
     base = tiny_checkpoint("sdxl")
     extra = ["--max_train_steps", "3", "--cache_latents", "--train_text_encoder", "--learning_rate", "1e-3",
@@ -275,7 +274,7 @@ def test_sdxl_resume_with_fused_adafactor_and_both_text_encoders(tiny_checkpoint
 def test_fused_backward_pass_leaves_no_gradients_to_the_loop(tiny_checkpoint, photo_dir, tmp_path, monkeypatch):
     """Each tensor is stepped inside backward: the loop must not sync (re-allocating every gradient),
     clip or step again."""
-    from library import trainer
+    from library.training import trainer
 
     def must_not_run(*_):
         raise AssertionError("the loop synced gradients under --fused_backward_pass")
@@ -292,7 +291,8 @@ def test_fused_backward_pass_leaves_no_gradients_to_the_loop(tiny_checkpoint, ph
 
 def test_sdxl_prior_loss_weight_weights_regularisation_images(tiny_checkpoint, photo_dir, tmp_path):
     """sd-scripts' sdxl_train ignores prior_loss_weight; ours applies it."""
-    from library.trainer import micro_step_loss, step_generator
+    from library.training.run import step_generator
+    from library.training.step_loss import micro_step_loss
 
     run = train("sdxl", sdxl_args(tiny_checkpoint("sdxl"), photo_dir, tmp_path, "--max_train_steps", "1",
                                   "--cache_latents", "--cache_text_encoder_outputs", "--reg_data_dir",
@@ -323,7 +323,7 @@ def test_sdxl_refuses_cached_text_with_trained_text_encoders(tiny_checkpoint, ph
 
 
 def test_output_format_follows_sd_scripts(tmp_path):
-    from library.task_full import format_extension, output_format
+    from library.training.task_full import format_extension, output_format
 
     assert output_format(None, False, "model.safetensors") == "ckpt"
     assert output_format(None, True, "model.safetensors") == "safetensors"
@@ -337,7 +337,7 @@ def test_output_format_follows_sd_scripts(tmp_path):
 def test_fused_backward_step_equals_a_plain_step():
     from transformers.optimization import Adafactor
 
-    from library.task_full import FusedBackwardOptimizer
+    from library.training.task_full import FusedBackwardOptimizer
 
     torch.manual_seed(0)
     plain = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
@@ -361,7 +361,7 @@ def test_fused_backward_step_equals_a_plain_step():
 
 
 def test_non_finite_weights_are_not_saved(tmp_path):
-    from library.task_full import FullModelTask
+    from library.training.task_full import FullModelTask
 
     task = FullModelTask("db")
     task.trained = {"unet.conv_in.weight": torch.nn.Parameter(torch.tensor([1.0, float("nan")]))}

@@ -1,4 +1,4 @@
-"""Tests of the training math (library.noise, library.losses, library.train_math) against hand-computed
+"""Tests of the training math (library.training.noise, library.training.losses, library.training.train_math) against hand-computed
 numbers and the formulas of spec/training-math.md."""
 
 import argparse
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from library.errors import UserError
-from library.train_math import (
+from library.training.train_math import (
     SNR_CLAMP,
     SNR_FLOOR,
     LossSettings,
@@ -469,7 +469,7 @@ def test_noise_settings_errors(flags, message):
 
 
 def test_train_math_import_is_light():
-    code = "import sys, library.train_math; print('torch' in sys.modules, 'diffusers' in sys.modules)"
+    code = "import sys, library.training.train_math; print('torch' in sys.modules, 'diffusers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=__file__.rsplit("/tests/", 1)[0])
     assert out.stdout.split() == ["False", "False"]

@@ -30,7 +30,7 @@ import pytest
 import torch
 from PIL import Image
 
-from library import safetensors_io
+from library.models import safetensors_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket"]
@@ -61,7 +61,7 @@ def square_photos(tmp_path_factory):
 def start_weights(tiny_checkpoint, tmp_path_factory):
     """A LoRA file with random down and small random up weights for both runs to start from."""
     import networks.lora
-    from library.model_loading import load_models
+    from library.models.loading import load_models
 
     models = load_models(tiny_checkpoint("sd1"), dtype=torch.float32)
     torch.manual_seed(3)
@@ -126,10 +126,10 @@ def _launch_two_processes(tmp_path, args) -> subprocess.CompletedProcess:
 
 
 def _train_in_process(args):
-    from library.script_parsers import network_parser
-    from library.task_network import NetworkTask
-    from library.train_args import parse_args
-    from library.trainer import train
+    from library.training.script_parsers import network_parser
+    from library.training.task_network import NetworkTask
+    from library.training.train_args import parse_args
+    from library.training.trainer import train
 
     return train(parse_args(network_parser(sdxl=False, description=""), args), NetworkTask(sdxl=False))
 

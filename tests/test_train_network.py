@@ -4,16 +4,14 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from library import safetensors_io
-from library.cache_store import CACHE_FOLDER
+from library.models import safetensors_io
+from library.caching.store import CACHE_FOLDER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "camera", "immunohistochemistry"]
@@ -51,10 +49,10 @@ def train_args(model, data, out, *extra):
 
 
 def run_training(args):
-    from library.script_parsers import network_parser
-    from library.task_network import NetworkTask
-    from library.train_args import parse_args
-    from library.trainer import train
+    from library.training.script_parsers import network_parser
+    from library.training.task_network import NetworkTask
+    from library.training.train_args import parse_args
+    from library.training.trainer import train
 
     parsed = parse_args(network_parser(sdxl=False, description=""), args)
     return train(parsed, NetworkTask(sdxl=False))
@@ -101,7 +99,8 @@ def test_kill_and_resume_gives_the_same_weights(tiny_checkpoint, photo_dir, tmp_
 
 def fixed_losses(run, task, n_batches=6):
     """Loss on the first batches of epoch 1 with fixed noise and timesteps."""
-    from library.trainer import micro_step_loss, step_generator
+    from library.training.run import step_generator
+    from library.training.step_loss import micro_step_loss
 
     batches = run.dataset.epoch_batches(1)
     out = []
@@ -123,10 +122,10 @@ def test_loss_falls_on_the_bundled_photos(tiny_checkpoint, photo_dir, tmp_path):
 
 
 def test_sdxl_lora_with_cached_text_encoder_outputs(tiny_checkpoint, photo_dir, tmp_path, fixtures_dir):
-    from library.script_parsers import network_parser
-    from library.task_network import NetworkTask
-    from library.train_args import parse_args
-    from library.trainer import train
+    from library.training.script_parsers import network_parser
+    from library.training.task_network import NetworkTask
+    from library.training.train_args import parse_args
+    from library.training.trainer import train
 
     out = str(tmp_path / "xl")
     args = train_args(tiny_checkpoint("sdxl"), photo_dir, out, "--max_train_steps", "3", "--cache_latents",

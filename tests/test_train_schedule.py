@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from library import safetensors_io
+from library.models import safetensors_io
 from library.errors import UserError
 
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "camera", "immunohistochemistry"]
@@ -29,10 +29,10 @@ def lora_args(model, data, out, *extra):
 
 
 def run_training(argv):
-    from library.script_parsers import network_parser
-    from library.task_network import NetworkTask
-    from library.train_args import parse_args
-    from library.trainer import train
+    from library.training.script_parsers import network_parser
+    from library.training.task_network import NetworkTask
+    from library.training.train_args import parse_args
+    from library.training.trainer import train
 
     return train(parse_args(network_parser(sdxl=False, description=""), argv), NetworkTask(sdxl=False))
 
@@ -40,7 +40,7 @@ def run_training(argv):
 @pytest.fixture
 def loaded_batches(monkeypatch):
     """Every (step, image paths) the loop loads, in order."""
-    from library.train_dataset import TrainDataset
+    from library.data.train_dataset import TrainDataset
 
     seen = []
     original = TrainDataset.load_batch
@@ -98,8 +98,8 @@ def test_initial_step_errors(tiny_checkpoint, photo_dir, tmp_path):
 
 
 def test_validation_split_holds_out_images_and_measures_them(tiny_checkpoint, photo_dir, tmp_path, monkeypatch):
-    from library.train_logging import TrainLogger
-    from library.validation import Validator
+    from library.training.train_logging import TrainLogger
+    from library.training.validation import Validator
 
     passes = []
     original = TrainLogger.validation
@@ -136,7 +136,7 @@ def test_validation_split_holds_out_images_and_measures_them(tiny_checkpoint, ph
 
 
 def test_validation_timesteps_follow_sd_scripts():
-    from library.validation import validation_timesteps
+    from library.training.validation import validation_timesteps
 
     assert validation_timesteps(None, None) == [200, 400, 600, 800]
     assert validation_timesteps(100, 600) == [200, 300, 400, 500]

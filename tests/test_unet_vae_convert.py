@@ -15,10 +15,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 
-from library import families, unet_convert, vae_convert  # noqa: E402
+from library.models import families, unet_convert, vae_convert  # noqa: E402
 from library.errors import UserError  # noqa: E402
 
-FIXTURES = Path("/work/shared/fixtures/checkpoint-keys")
+FIXTURES = Path(__file__).parent / "fixtures" / "checkpoint-keys"
 CASES = [("sd15", families.SD1), ("sd21v", families.SD2), ("sdxl_base", families.SDXL)]
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

@@ -16,8 +16,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from library.cli import run  # noqa: E402
-from library.dataset_flags import add_config_arguments, add_dataset_arguments  # noqa: E402
-from library.cache_settings import add_cache_arguments  # noqa: E402
+from library.data.flags import add_config_arguments, add_dataset_arguments  # noqa: E402
+from library.caching.settings import add_cache_arguments  # noqa: E402
 
 DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -52,7 +52,7 @@ def model_dtype(args, device):
     import torch
 
     if args.mixed_precision == "bf16":
-        from library.device_setup import bf16_or_float32
+        from library.models.device_setup import bf16_or_float32
 
         return bf16_or_float32(device, "--mixed_precision bf16", "encoding")
     return getattr(torch, DTYPES[args.mixed_precision])
@@ -66,7 +66,7 @@ def vae_dtype(args, device):
 
 def load_config(args, family):
     """The resolved dataset config, checked as a caching training run of this family checks it."""
-    from library.dataset_config import check_bucket_reso_steps, load_dataset_config
+    from library.data.config import check_bucket_reso_steps, load_dataset_config
 
     args.cache_latents = True  # makes the config loader refuse color_aug / random_crop
     config = load_dataset_config(args.dataset_config, args)
@@ -75,7 +75,7 @@ def load_config(args, family):
 
 
 def detect_family(args):
-    from library.cache_tools import detect_model_family
+    from library.caching.tools import detect_model_family
 
     return detect_model_family(args.pretrained_model_name_or_path, v2=True if args.v2 else None,
                                sdxl=True if args.sdxl else None)
@@ -85,9 +85,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     import torch
 
-    from library.cache_settings import CacheSettings, disk_location
-    from library.cache_tools import collect_cache_items, latent_samples_of, load_vae_for_caching
-    from library.latent_cache import LatentCache
+    from library.caching.settings import CacheSettings, disk_location
+    from library.caching.tools import collect_cache_items, latent_samples_of, load_vae_for_caching
+    from library.caching.latent_cache import LatentCache
 
     settings = CacheSettings.from_args(args)
     family = detect_family(args)

@@ -16,8 +16,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from library.cli import run  # noqa: E402
-from library.dataset_flags import add_config_arguments, add_dataset_arguments  # noqa: E402
-from library.cache_settings import add_cache_arguments  # noqa: E402
+from library.data.flags import add_config_arguments, add_dataset_arguments  # noqa: E402
+from library.caching.settings import add_cache_arguments  # noqa: E402
 from tools.cache_latents import add_model_flags, detect_family, load_config, model_dtype  # noqa: E402
 
 
@@ -43,14 +43,14 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     import torch
 
-    from library.cache_settings import disk_location
-    from library.cache_tools import collect_cache_items
-    from library.model_loading import load_models
-    from library.text_encoder_cache import (
+    from library.caching.settings import disk_location
+    from library.caching.tools import collect_cache_items
+    from library.models.loading import load_models
+    from library.caching.text_encoder_cache import (
         TextEncoderOutputCache, TextSample, check_text_encoder_caching, fixed_caption,
     )
-    from library.text_encoding import TextConditioner, training_clip_skip
-    from library.tokenizer import load_tokenizers
+    from library.text.encoding import TextConditioner, training_clip_skip
+    from library.text.tokenizer import load_tokenizers
 
     family = detect_family(args)
     config = load_config(args, family)

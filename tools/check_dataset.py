@@ -24,7 +24,7 @@ logger = logging.getLogger("check_dataset")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from library import dataset_check, dataset_flags
+    from library.data import check as dataset_check, flags as dataset_flags
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     dataset_flags.add_dataset_arguments(p)
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     if ignored:
         logger.warning("ignoring flags that do not describe the dataset: %s", " ".join(ignored))
 
-    from library.dataset_check import run_dataset_check
+    from library.data.check import run_dataset_check
 
     # Accept every dataset kind: the check should describe a config, not reject it for one trainer.
     support = {"support_controlnet": True}

@@ -65,8 +65,8 @@ def main(argv=None):
 
     import torch
 
-    from library.model_loading import load_models
-    from library.model_saving import PRECISIONS, format_for_path, save_models
+    from library.models.loading import load_models
+    from library.models.saving import PRECISIONS, format_for_path, save_models
 
     load_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32 if args.float else None
     save_dtype = PRECISIONS[args.save_precision_as] if args.save_precision_as else load_dtype

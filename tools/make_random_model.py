@@ -30,9 +30,9 @@ def main(argv=None):
     p.add_argument("output", help="output file (.safetensors/.ckpt) or folder")
     args = p.parse_args(argv)
 
-    from library.families import get_family
-    from library.model_saving import PRECISIONS, save_models
-    from library.random_models import build_random_models
+    from library.models.families import get_family
+    from library.models.saving import PRECISIONS, save_models
+    from library.models.random_models import build_random_models
 
     family = get_family(args.family.split("-")[0])
     models = build_random_models(family, args.size, args.seed, PRECISIONS[args.precision],

@@ -17,7 +17,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="a .safetensors file")
     args = p.parse_args(argv)
-    from library.safetensors_io import read_metadata
+    from library.models.safetensors_io import read_metadata
 
     metadata = read_metadata(args.model)
     decoded = {}

@@ -1,0 +1,61 @@
+"""From an image file and its `CropPlan` to the pixels a model sees.
+
+One function does resize (area filter when shrinking, Lanczos when enlarging, as sd-scripts'
+cv2 calls do), crop at the plan's real offsets and optional horizontal flip. The training dataset,
+the latent cache and the cache tools all call it, so a cached latent and a freshly encoded one come
+from identical pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+from library.data.bucketing import CropPlan
+from library.data.image_files import load_image_rgb, load_image_with_alpha
+
+
+def _resize(array: np.ndarray, size: tuple) -> np.ndarray:
+    h, w = array.shape[:2]
+    if (w, h) == tuple(size):
+        return array
+    shrinking = size[0] * size[1] < w * h
+    resample = Image.Resampling.BOX if shrinking else Image.Resampling.LANCZOS
+    mode = "L" if array.ndim == 2 else None
+    return np.asarray(Image.fromarray(array, mode=mode).resize(tuple(size), resample=resample))
+
+
+def crop_resized(array: np.ndarray, plan: CropPlan, flip: bool = False) -> np.ndarray:
+    """Resize a (H, W[, C]) uint8 array to the plan's size, crop the bucket, optionally flip."""
+    array = _resize(array, plan.resized_size)
+    left, top, right, bottom = plan.crop_ltrb
+    array = array[top:bottom, left:right]
+    if flip:
+        array = array[:, ::-1]
+    return np.require(array, requirements=["C", "W"])  # torch.from_numpy wants writable memory
+
+
+def training_pixels(path: str, plan: CropPlan, flip: bool = False):
+    """Float tensor (3, H, W) in [-1, 1], the VAE's input range."""
+    import torch
+
+    array = crop_resized(load_image_rgb(path), plan, flip)
+    return torch.from_numpy(array).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def training_pixels_and_alpha(path: str, plan: CropPlan, flip: bool = False, want_alpha: bool = False):
+    """(pixels (3,H,W) in [-1,1], alpha mask (H,W) in [0,1] or None) for masked-loss training."""
+    import torch
+
+    if not want_alpha:
+        return training_pixels(path, plan, flip), None
+    rgb, alpha = load_image_with_alpha(path)
+    pixels = torch.from_numpy(crop_resized(rgb, plan, flip)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    mask: Optional[torch.Tensor] = None
+    if alpha is not None:
+        mask = torch.from_numpy(crop_resized(alpha, plan, flip)).float().div_(255.0)
+    else:
+        mask = torch.ones(pixels.shape[1:], dtype=torch.float32)
+    return pixels, mask

@@ -1,0 +1,14 @@
+"""Models: the three families and every file form of their weights.
+
+* `families`, `detect`: SD1/SD2/SDXL descriptions and telling them apart from the weights;
+* `unet_convert`, `vae_convert`, `clip_convert`: single-file (original) ⇄ diffusers key layouts;
+* `loading`, `saving`, `safetensors_io`, `checkpoint_io`, `modelspec`: reading and writing checkpoints
+  and diffusers folders (atomic writes, `weights_only` pickles, modelspec metadata);
+* `embedding_files`: textual-inversion embedding files, which ride on a model's text encoders
+  (here, not in `training`, because the generators read them too);
+* `random_models`: seeded random models of the real layouts (tiny or full size);
+* `frozen_weights`, `cpu_attention`, `device_setup`: how frozen weights are held, attention on the
+  CPU, devices and precision.
+
+May import `library.text` (saving a diffusers folder writes its tokenizer) and nothing above.
+"""

@@ -1,0 +1,200 @@
+"""The network task: train an adapter (LoRA and its family, or any `--network_module` plugin).
+
+Talks to the network module only through the sd-scripts plugin interface
+(`create_network`, `create_network_from_weights`, `apply_to`, `prepare_optimizer_params`,
+`save_weights`, ...), so third-party modules such as `lycoris.kohya` train the same way ours do.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Dict
+
+import torch
+
+from library.errors import UserError
+from library.training.train_args import parse_network_args
+from library.training.run import Run, Task
+
+logger = logging.getLogger(__name__)
+
+
+class ClassicTextEncoderView(torch.nn.Module):
+    """A transformers-5 `CLIPTextModel` seen under the classic `text_model.` module path.
+
+    Plugins name their modules by walking `named_modules()`; through this view they produce the
+    `lora_te_text_model_encoder_...` names every other tool expects. The view owns no weights:
+    patching its modules patches the real encoder."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.text_model = encoder
+
+    def forward(self, *args, **kwargs):
+        return self.text_model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["text_model"], name)
+
+
+def classic_view(encoder: torch.nn.Module) -> torch.nn.Module:
+    return encoder if hasattr(encoder, "text_model") else ClassicTextEncoderView(encoder)
+
+
+class NetworkTask(Task):
+    name = "network"
+
+    def __init__(self, sdxl: bool):
+        self.sdxl = sdxl
+        self._save_as = "safetensors"
+        self.network = None
+        self.module = None
+        self.train_unet = True
+        self.train_text_encoder = True
+        self.metadata: Dict[str, str] = {}
+
+    @property
+    def artifact_ext(self) -> str:  # noqa: D401 - property replaces the class attribute
+        return "." + (self._save_as or "safetensors")
+
+    def validate_args(self, args) -> None:
+        self._save_as = args.save_model_as
+        if args.network_train_unet_only and args.network_train_text_encoder_only:
+            raise UserError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
+        if args.dim_from_weights and not args.network_weights:
+            raise UserError("--dim_from_weights needs --network_weights")
+        if getattr(args, "cache_text_encoder_outputs", False) and not args.network_train_unet_only:
+            raise UserError("--cache_text_encoder_outputs needs --network_train_unet_only (cached outputs cannot train the text encoder)")
+        if args.base_weights_multiplier and len(args.base_weights_multiplier) != len(args.base_weights or []):
+            raise UserError("--base_weights_multiplier needs one value per --base_weights file")
+        if not args.output_dir:
+            raise UserError("--output_dir is required")
+
+    def frozen_weights_may_stay_half(self, args) -> bool:
+        # our modules only call the base layer; plugins (LyCORIS) also compute with its weight
+        # tensor in its own dtype, so they get float32 base weights
+        return args.network_module.startswith("networks.")
+
+    def trains_text_encoder(self, index: int) -> bool:
+        return self.train_text_encoder
+
+    def trains_unet(self) -> bool:
+        return self.train_unet
+
+    def _text_encoder_arg(self, run: Run):
+        tes = run.models.text_encoders
+        if not run.args.network_module.startswith("networks."):
+            tes = [classic_view(te) for te in tes]  # third-party plugins name modules by path
+        return tes if len(tes) > 1 else tes[0]
+
+    def _import_module(self, name: str):
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            hint = " (pip install -e .[lycoris])" if name.startswith("lycoris") else ""
+            raise UserError(f"--network_module {name}: cannot import it ({e}){hint}") from None
+
+    def setup(self, run: Run) -> None:
+        args = run.args
+        models = run.models
+        te = self._text_encoder_arg(run)
+        self.module = self._import_module(args.network_module)
+        kwargs = parse_network_args(args.network_args)
+
+        for i, path in enumerate(args.base_weights or []):
+            multiplier = args.base_weights_multiplier[i] if args.base_weights_multiplier else 1.0
+            net, sd = self.module.create_network_from_weights(multiplier, path, models.vae, te, models.unet, for_inference=True)
+            net.merge_to(te, models.unet, sd, run.precision.weight_dtype, run.device)
+            logger.info("merged base weights %s (multiplier %s)", path, multiplier)
+
+        if args.dim_from_weights:
+            self.network, _ = self.module.create_network_from_weights(1.0, args.network_weights, models.vae, te, models.unet, **kwargs)
+        else:
+            if args.network_dropout is not None:
+                kwargs["dropout"] = args.network_dropout
+            self.network = self.module.create_network(
+                1.0, args.network_dim, args.network_alpha, models.vae, te, models.unet,
+                neuron_dropout=args.network_dropout, **kwargs,
+            )
+        if self.network is None:
+            raise UserError(f"--network_module {args.network_module}: create_network returned nothing; check --network_args")
+        if hasattr(self.network, "prepare_network"):
+            self.network.prepare_network(args)
+        self.train_unet = not args.network_train_text_encoder_only
+        self.train_text_encoder = not args.network_train_unet_only
+        self.network.apply_to(te, models.unet, self.train_text_encoder, self.train_unet)
+        if args.network_weights and not args.dim_from_weights:
+            info = self.network.load_weights(args.network_weights)
+            logger.info("loaded network weights %s: %s", args.network_weights, info)
+        elif args.network_weights:
+            self.network.load_weights(args.network_weights)
+        if hasattr(self.network, "set_multiplier"):
+            self.network.set_multiplier(args.network_multiplier)
+        self.network.to(run.device, dtype=run.precision.train_dtype)
+        self.network.train()
+        if args.gradient_checkpointing and hasattr(self.network, "enable_gradient_checkpointing"):
+            self.network.enable_gradient_checkpointing()
+        if hasattr(self.network, "prepare_grad_etc"):
+            self.network.prepare_grad_etc(te, models.unet)
+        if self.train_text_encoder:
+            for encoder in models.text_encoders:
+                encoder.to(run.device)
+
+    def param_groups(self, run: Run) -> tuple:
+        args = run.args
+        te_lr = args.text_encoder_lr
+        if isinstance(te_lr, list):
+            te_lr = te_lr[0] if len(te_lr) == 1 else (te_lr or None)
+        try:
+            result = self.network.prepare_optimizer_params(te_lr, args.unet_lr, args.learning_rate)
+        except TypeError:
+            result = self.network.prepare_optimizer_params(te_lr, args.unet_lr)
+        if isinstance(result, tuple):
+            groups, descriptions = result
+        else:
+            groups, descriptions = result, []
+        if not any(p.requires_grad for g in groups for p in (g["params"] if isinstance(g, dict) else [g])):
+            raise UserError("nothing to train: every parameter group has learning rate 0 or no parameters")
+        return groups, descriptions
+
+    def trainable_state(self) -> Dict[str, torch.Tensor]:
+        return dict(self.network.state_dict())
+
+    def load_trainable_state(self, tensors: Dict[str, torch.Tensor]) -> None:
+        self.network.load_state_dict(tensors, strict=True)
+
+    def before_step(self, run: Run, batch: dict) -> None:
+        multipliers = batch.get("network_multipliers")
+        if multipliers is not None and hasattr(self.network, "set_multiplier") and bool((multipliers != 1).any()):
+            self.network.set_multiplier(run.args.network_multiplier * float(multipliers.mean()))
+        if hasattr(self.network, "on_step_start"):
+            self.network.on_step_start()
+
+    def after_step(self, run: Run) -> Dict[str, float]:
+        if run.args.scale_weight_norms and hasattr(self.network, "apply_max_norm_regularization"):
+            scaled, mean_norm, max_norm = self.network.apply_max_norm_regularization(run.args.scale_weight_norms, run.device)
+            return {"max_norm/keys_scaled": float(scaled), "max_norm/average_key_norm": float(mean_norm),
+                    "max_norm/max_key_norm": float(max_norm)}
+        return {}
+
+    def sampling_networks(self) -> list:
+        return [self.network]
+
+    def save(self, run: Run, path: str, epoch: int, step: int, final: bool) -> None:
+        from library.training import network_metadata
+        from library.models.saving import PRECISIONS
+
+        args = run.args
+        for name, tensor in self.network.state_dict().items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise UserError(f"step {step}: network weight {name} is not finite; nothing was saved")
+        if not self.metadata:
+            self.metadata = network_metadata.training_metadata(
+                args, run, args.network_module, args.network_dim, args.network_alpha)
+        metadata = network_metadata.finish(self.metadata, args, run, epoch, step, "lora")
+        dtype = PRECISIONS.get(args.save_precision) if args.save_precision else None
+        self.network.save_weights(path, dtype, metadata)
