@@ -3,7 +3,7 @@
 Plain argparse, no torch: `--help` answers at once. Flags of sd-scripts features this generator does
 not implement (ControlNet, LLLite, Deep Shrink, Gradual Latent, CLIP Vision, prompter modules,
 upscaler modules, regional LoRA) are still accepted by the parser so that existing command lines
-parse; `check_args` turns their use into one clear error instead of silently ignoring them.
+parse; `check_args` turns their use into the one line `library.refused_options` keeps for each.
 """
 
 from __future__ import annotations
@@ -11,23 +11,8 @@ from __future__ import annotations
 import argparse
 
 from library.errors import UserError
+from library.refused_options import refuse_set_options
 from library.generation.samplers import SAMPLER_CHOICES
-
-# flag → what it enables; given (not None / not False) ⇒ UserError
-_UNSUPPORTED = {
-    "from_module": "prompter modules",
-    "control_net_models": "ControlNet",
-    "control_net_lllite_models": "ControlNet-LLLite",
-    "guide_image_path": "ControlNet guide images",
-    "clip_vision_strength": "CLIP Vision conditioning",
-    "highres_fix_upscaler": "upscaler modules",
-    "ds_depth_1": "Deep Shrink",
-    "gradual_latent_timesteps": "Gradual Latent",
-    "network_regional_mask_max_color_codes": "regional LoRA masks",
-    "pyramid_noise_prob": "pyramid noise",
-    "noise_offset_prob": "noise offset",
-}
-
 
 def _model_flags(parser: argparse.ArgumentParser, sdxl_only: bool) -> None:
     g = parser.add_argument_group("model")
@@ -169,9 +154,7 @@ def build_parser(sdxl_only: bool = False, description: str = "") -> argparse.Arg
 
 def check_args(args) -> None:
     """Refuse flags of features not implemented here, and obviously bad values, before loading anything."""
-    for flag, feature in _UNSUPPORTED.items():
-        if getattr(args, flag, None) not in (None, False, []):
-            raise UserError(f"--{flag}: {feature} is not supported by this generator; remove the flag")
+    refuse_set_options(args)
     if not args.ckpt:
         raise UserError("--ckpt is required: a local .safetensors/.ckpt file or diffusers folder")
     if sum(bool(getattr(args, f, False)) for f in ("sdxl", "v1", "v2")) > 1:

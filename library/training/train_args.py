@@ -18,6 +18,7 @@ import sys
 from typing import Dict, Iterable, List, Optional
 
 from library.errors import UserError
+from library.refused_options import refuse_set_options
 
 SAVE_PRECISIONS = [None, "float", "fp16", "bf16"]
 
@@ -55,7 +56,7 @@ def add_modelspec_arguments(parser: argparse.ArgumentParser) -> None:
         g.add_argument(f"--metadata_{name}", type=str, default=None, help=f"modelspec {what}")
 
 
-_UNSUPPORTED = "sd-scripts flag, accepted in configs; not supported (see docs/training-runs.md)"
+_UNSUPPORTED = "sd-scripts flag, accepted in configs; refused when set (see docs/refused-options.md)"
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, support_dreambooth: bool = True) -> None:
@@ -285,23 +286,10 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None
         for key, value in from_file.items():
             if key not in explicit:  # CLI > TOML
                 setattr(args, key, value)
-    _refuse_unsupported(args)
+    refuse_set_options(args, parser)
     if getattr(args, "cache_latents_on_first_use", False) and not args.cache_latents_to_disk:
         args.cache_latents = True  # it only changes when the cache is filled
     return args
-
-
-def _refuse_unsupported(args: argparse.Namespace) -> None:
-    if getattr(args, "huggingface_repo_id", None) or getattr(args, "save_state_to_huggingface", False):
-        raise UserError("--huggingface_repo_id / --save_state_to_huggingface: uploading to the Hugging Face Hub is "
-                        "not supported (sdtrain never goes online); upload the files in --output_dir yourself, "
-                        "e.g. with `huggingface-cli upload`")
-    if getattr(args, "resume_from_huggingface", False):
-        raise UserError("--resume_from_huggingface: states are not downloaded; download the state folder and "
-                        "pass it to --resume")
-    if getattr(args, "deepspeed", False):
-        raise UserError("--deepspeed is not supported; train on several GPUs with `accelerate launch --multi_gpu` "
-                        "(DDP), and save memory with --gradient_checkpointing, --mixed_precision bf16 or 8-bit optimizers")
 
 
 def _explicit_dests(parser: argparse.ArgumentParser, argv: Iterable[str]) -> set:
