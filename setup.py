@@ -32,7 +32,7 @@ setup(
     description="Stable Diffusion training and tools, compatible with kohya-ss/sd-scripts",
     packages=find_packages(include=["library", "library.*", "networks", "networks.*", "tools", "tools.*",
                                     "finetune", "finetune.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     install_requires=BASE,
     extras_require={
         # CUDA-only accelerators: used when present, a clear warning when a flag asks for a missing one

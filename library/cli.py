@@ -21,6 +21,26 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
+def apply_console_log_flags(args) -> None:
+    """sd-scripts' `--console_log_level` (level of the log lines, default INFO) and `--console_log_file`
+    (log lines go to this file, overwritten, with time and level, instead of the console)."""
+    level = getattr(args, "console_log_level", None)
+    path = getattr(args, "console_log_file", None)
+    root = logging.getLogger()
+    if level:
+        root.setLevel(getattr(logging, level))
+    if path:
+        try:
+            handler = logging.FileHandler(path, mode="w", encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"--console_log_file {path}: cannot write there ({e.strerror}); choose a writable file") from None
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        for old in list(root.handlers):
+            if isinstance(old, logging.StreamHandler) and not isinstance(old, logging.FileHandler):
+                root.removeHandler(old)
+        root.addHandler(handler)
+
+
 def run(main: Callable[[], object]) -> None:
     """Call `main`; a UserError becomes `error: <message>` on stderr and exit status 2."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time

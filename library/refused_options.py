@@ -4,7 +4,8 @@ sd-scripts' command lines and TOML configs carry options for features sdtrain do
 DeepSpeed, some generator modules). They stay in the parsers, so that those files parse, and setting one
 to anything but its default stops the script before any work with the one line kept here: never an
 option that parses and then does nothing. Options that only modify a refused feature (the Hub's repo
-type, DeepSpeed's ZeRO stage) are accepted, as sd-scripts ignores them while the feature is off. docs/refused-options.md lists them for users.
+type, DeepSpeed's ZeRO stage) are accepted, as sd-scripts ignores them while the feature is off; options
+that ask for what sdtrain always does (`--skip_existing`) are accepted and listed with the reason. docs/refused-options.md lists them for users.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ REFUSED = {
     "resume_from_huggingface": f"--resume_from_huggingface: states are not downloaded ({_OFFLINE}); download the "
                                "state folder and pass it to --resume",
     "deepspeed": f"--deepspeed {_NO_DEEPSPEED}",
+    **{dest: f"--{dest}: gradients are averaged by sdtrain's own bucketed all-reduce (library/training/grad_sync.py), "
+             "not by DDP, so DDP's tuning options do not apply; remove the flag"
+       for dest in ("ddp_gradient_as_bucket_view", "ddp_static_graph")},
+    "dataset_class": "--dataset_class: user dataset classes are written against sd-scripts' internal dataset API, "
+                     "which sdtrain does not have; describe the data with --dataset_config (TOML) or metadata JSON",
     # generators: sd-scripts modules and features this generator does not implement
     **{dest: f"--{dest}: {feature} is not supported by this generator; remove the flag"
        for dest, feature in {
@@ -50,6 +56,26 @@ MODIFIES_REFUSED = {
     **{dest: "deepspeed" for dest in ("zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path",
                                       "offload_param_device", "offload_param_nvme_path", "zero3_init_flag",
                                       "zero3_save_16bit_model", "fp16_master_weights_and_gradients")},
+    "prompter_module_args": "from_module",
+    "highres_fix_upscaler_args": "highres_fix_upscaler",
+    **{dest: "control_net_models" for dest in ("control_net_preps", "control_net_weights",
+                                               "highres_fix_disable_control_net")},
+    **{dest: "control_net_lllite_models" for dest in ("control_net_multipliers", "control_net_ratios")},
+    **{dest: "ds_depth_1" for dest in ("ds_timesteps_1", "ds_depth_2", "ds_timesteps_2", "ds_ratio")},
+    **{dest: "gradual_latent_timesteps" for dest in ("gradual_latent_ratio", "gradual_latent_ratio_step",
+                                                     "gradual_latent_every_n_steps", "gradual_latent_s_noise",
+                                                     "gradual_latent_unsharp_params")},
+    "pyramid_noise_discount_range": "pyramid_noise_prob",
+    "noise_offset_range": "noise_offset_prob",
+}
+
+# Options that ask for what the script always does here: accepted, and they change nothing because the
+# behaviour they ask for is the only one. option dest → why
+ALWAYS_SO = {
+    "skip_existing": "intact cache entries are always skipped (sd-scripts: a deprecated no-op)",
+    "no_preview": "the generator never opens a preview window",
+    "highvram": "no device-cache clearing between batches is done, which is what --highvram asks",
+    "console_log_simple": "console lines are always plain text (no rich formatting)",
 }
 
 
@@ -65,6 +91,6 @@ def refuse_set_options(args, parser=None) -> None:
             raise UserError(line)
 
 
-def is_refused(dest: str) -> bool:
-    """Whether the registry accounts for `dest`: refused, or a modifier of a refused feature."""
-    return dest in REFUSED or dest in MODIFIES_REFUSED
+def is_registered(dest: str) -> bool:
+    """Whether the registry accounts for `dest`: refused, a modifier of a refused feature, or always so."""
+    return dest in REFUSED or dest in MODIFIES_REFUSED or dest in ALWAYS_SO

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from library.errors import UserError
-from library.refused_options import MODIFIES_REFUSED, REFUSED, refuse_set_options
+from library.refused_options import ALWAYS_SO, MODIFIES_REFUSED, REFUSED, refuse_set_options
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "refused-options.md"
 
@@ -35,4 +35,4 @@ def test_a_modifier_of_a_refused_feature_is_accepted_alone():
 
 def test_the_doc_table_lists_exactly_the_registry():
     listed = re.findall(r"^\| `--([a-z0-9_]+)` \|", DOC.read_text(encoding="utf-8"), re.M)
-    assert sorted(listed) == sorted(set(REFUSED) | set(MODIFIES_REFUSED))
+    assert sorted(listed) == sorted(set(REFUSED) | set(MODIFIES_REFUSED) | set(ALWAYS_SO))

@@ -70,3 +70,32 @@ def test_bad_input_is_one_line(tmp_path):
     r = run_tool("tools/convert_diffusers20_original_sd.py", str(bad), str(tmp_path / "o.safetensors"))
     assert r.returncode == 2
     assert r.stderr.startswith("error: ") and "broken.safetensors" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_linear_projection_flag_and_reference_model(tmp_path, tiny_checkpoint):
+    from library.errors import UserError
+    from tools.convert_diffusers20_original_sd import main as convert
+
+    sd1, sd2 = tiny_checkpoint("sd1"), tiny_checkpoint("sd2")
+    # SD1.x projections are 1x1 convolutions: the assertion is refused, nothing written
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(UserError, match="1x1-convolution"):
+        convert(["--unet_use_linear_projection", sd1, str(out)])
+    assert not out.exists()
+    # a reference diffusers model's scheduler and tokenizer replace the ones built offline
+    reference = tmp_path / "reference"
+    convert([sd2, str(reference)])
+    config = reference / "scheduler" / "scheduler_config.json"
+    values = json.loads(config.read_text())
+    values["steps_offset"] = 7
+    config.write_text(json.dumps(values))
+    folder = tmp_path / "converted"
+    convert(["--unet_use_linear_projection", "--reference_model", str(reference), sd2, str(folder)])
+    assert json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["steps_offset"] == 7
+    assert sorted(os.listdir(folder)) == sorted(os.listdir(reference))  # no staging folders left
+    # only for diffusers output, and only a local folder; refused before anything loads
+    with pytest.raises(UserError, match="only applies when saving a diffusers folder"):
+        convert(["--reference_model", str(reference), sd2, str(out)])
+    with pytest.raises(UserError, match="never downloaded"):
+        convert(["--reference_model", "stabilityai/sd-2", sd2, str(tmp_path / "other")])
+    assert not out.exists() and not (tmp_path / "other").exists()

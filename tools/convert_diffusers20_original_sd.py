@@ -9,6 +9,7 @@ layout; without one, as a diffusers folder. The family (SD1.x, SD2.x, SDXL) is r
 import argparse
 import ast
 import os
+import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--v1", action="store_true", help="assert the model is SD1.x (detected from the input anyway)")
     p.add_argument("--v2", action="store_true", help="assert the model is SD2.x (detected from the input anyway)")
     p.add_argument("--unet_use_linear_projection", action="store_true",
-                   help="accepted for compatibility; projections are taken from the weights' shapes")
+                   help="assert the U-Net's transformer projections are Linear (SD2.x); they are read from the weights, "
+                   "and a model with 1x1-convolution projections (SD1.x) is refused")
     p.add_argument("--fp16", action="store_true", help="load as fp16 and save as fp16 (unless --save_precision_as)")
     p.add_argument("--bf16", action="store_true", help="load as bf16 and save as bf16 (unless --save_precision_as)")
     p.add_argument("--float", action="store_true", help="load as float32 and save as float32 (unless --save_precision_as)")
@@ -34,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='extra safetensors metadata as a dict literal, e.g. "{\'modelspec.author\': \'me\'}" (parsed as data, never run)')
     p.add_argument("--variant", type=str, default=None, help="diffusers weight variant to read, e.g. fp16")
     p.add_argument("--reference_model", type=str, default=None,
-                   help="accepted for compatibility; scheduler and tokenizer configs are built offline")
+                   help="diffusers output: copy the scheduler and tokenizer folders of this local diffusers model "
+                   "(default: built offline for the model's family)")
     p.add_argument("--use_safetensors", action="store_true",
                    help="diffusers output: store weights as .safetensors (default .bin, as sd-scripts)")
     p.add_argument("--sdxl", action="store_true", help="assert the model is SDXL (detected from the input anyway)")
@@ -53,6 +56,36 @@ def parse_metadata(text):
     if not isinstance(value, dict):
         raise UserError("--metadata: must be a dict literal like {'key': 'value'}")
     return {str(k): str(v) for k, v in value.items()}
+
+
+REFERENCE_FOLDERS = ("scheduler", "tokenizer", "tokenizer_2")
+
+
+def check_reference_model(path, fmt) -> None:
+    """--reference_model: a local diffusers folder, and only for diffusers output (sd-scripts' use of it)."""
+    if path is None:
+        return
+    if not fmt.startswith("diffusers"):
+        raise UserError("--reference_model only applies when saving a diffusers folder (a path without extension)")
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise UserError(f"--reference_model {path}: not a local diffusers folder (no model_index.json); models are "
+                        "never downloaded: pass the folder of a downloaded diffusers model")
+
+
+def copy_reference_configs(reference: str, out: str) -> None:
+    """Replace the written scheduler/tokenizer folders by the reference model's, folder by folder, atomically."""
+    for name in REFERENCE_FOLDERS:
+        source, target = os.path.join(reference, name), os.path.join(out, name)
+        if not os.path.isdir(source) or not os.path.isdir(target):
+            continue
+        staging = target + ".reference-tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(source, staging)
+        old = target + ".replaced-tmp"
+        os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old)
+        print(f"  {name}/ from {reference}")
 
 
 def main(argv=None):
@@ -75,12 +108,18 @@ def main(argv=None):
     fmt = format_for_path(args.model_to_save)
     if fmt == "diffusers" and args.use_safetensors:
         fmt = "diffusers_safetensors"
+    check_reference_model(args.reference_model, fmt)
 
     print(f"loading {args.model_to_load}")
     models = load_models(args.model_to_load, v2=v2, sdxl=sdxl, dtype=load_dtype, variant=args.variant, keep_ema=True)
     print(f"  {models.family.title}{' (v-prediction)' if models.v_parameterization else ''}")
+    if args.unet_use_linear_projection and not models.unet.config.use_linear_projection:
+        raise UserError(f"--unet_use_linear_projection: {args.model_to_load} has 1x1-convolution projections "
+                        f"({models.family.title} layout); remove the flag")
     save_models(models, args.model_to_save, fmt, precision=save_dtype, metadata=metadata,
                 epoch=args.epoch, global_step=args.global_step)
+    if args.reference_model:
+        copy_reference_configs(args.reference_model, args.model_to_save)
     print(f"saved {args.model_to_save} ({fmt})")
 
 

@@ -34,6 +34,7 @@ from library.data.schema import (
     show_value,
 )
 from library.errors import UserError
+from library.refused_options import refuse_set_options
 
 # sd-scripts' --resize_interpolation has no "box"; config files accept it.
 CLI_RESIZE_INTERPOLATIONS = tuple(i for i in RESIZE_INTERPOLATIONS if i != "box")
@@ -79,7 +80,9 @@ def add_dataset_arguments(
         help="enable face-centered crop augmentation and its range (e.g. 2.0,4.0)")
     add("--random_crop", action="store_true",
         help="enable random crop (for style training in face-centered crop augmentation)")
-    add("--debug_dataset", action="store_true", help="show images for debugging (do not train)")
+    add("--debug_dataset", action="store_true",
+        help="write the batches the run would train on (images after resize/crop/flip, captions, masks) to "
+        "<output_dir>/debug_dataset-<time>/ and exit without training")
     add("--resolution", type=str, default=None, help="resolution in training ('size' or 'width,height')")
     add("--cache_latents", action="store_true",
         help="cache latents to main memory to reduce VRAM usage (augmentations must be disabled)")
@@ -110,7 +113,7 @@ def add_dataset_arguments(
     add("--validation_split", type=float, default=0.0,
         help="fraction of each subset's images held out for validation (0 to 1)")
     add("--dataset_class", type=str, default=None,
-        help="dataset class for arbitrary dataset (package.module.Class)")
+        help="sd-scripts' user dataset class; refused (docs/refused-options.md): use --dataset_config")
 
     if support_caption_dropout:
         add("--caption_dropout_rate", type=float, default=0.0, help="Rate out dropout caption(0.0~1.0)")
@@ -136,6 +139,7 @@ def command_line_layer(args: Optional[argparse.Namespace], support: Support) -> 
     """Dataset-relevant command-line values, converted and checked; None values are left out."""
     if args is None:
         return {}
+    refuse_set_options(args)  # --dataset_class, for every script that takes the dataset flags
     values = dict(vars(args))
     if values.get("caption_extention") is not None:
         values["caption_extension"] = values["caption_extention"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from library.cli import apply_console_log_flags
 from library.errors import UserError
 from library.refused_options import refuse_set_options
 from library.generation.samplers import SAMPLER_CHOICES
@@ -155,6 +156,7 @@ def build_parser(sdxl_only: bool = False, description: str = "") -> argparse.Arg
 def check_args(args) -> None:
     """Refuse flags of features not implemented here, and obviously bad values, before loading anything."""
     refuse_set_options(args)
+    apply_console_log_flags(args)
     if not args.ckpt:
         raise UserError("--ckpt is required: a local .safetensors/.ckpt file or diffusers folder")
     if sum(bool(getattr(args, f, False)) for f in ("sdxl", "v1", "v2")) > 1:

@@ -140,6 +140,7 @@ def load_single_file(
     dtype: Optional[torch.dtype] = None,
     keep_ema: bool = False,
     part_dtypes: Optional[Dict[str, torch.dtype]] = None,
+    zero_copy: Optional[bool] = None,
 ) -> StableDiffusionModels:
     keys = list(checkpoint_io.read_keys(path))
     family = resolve_family(detect.detect_single_file(path, keys), path, v2, sdxl)
@@ -157,7 +158,7 @@ def load_single_file(
     # model classes, which on a first load takes seconds of pure Python
     with ThreadPoolExecutor(1, thread_name_prefix="read-checkpoint") as pool:
         reading = pool.submit(checkpoint_io.read_checkpoint, path, dtype=dtype_for if wants_cast else None,
-                              select=select)
+                              select=select, zero_copy=zero_copy)
         _import_model_classes()
         ckpt = reading.result()
     tensors = ckpt.tensors
@@ -210,10 +211,11 @@ def _find_weights(folder: str, stems: tuple, variant: Optional[str]) -> List[str
     raise UserError(f"{folder}: no weights file ({stems[0]}.safetensors or .bin); the diffusers folder is incomplete")
 
 
-def _read_component(folder: str, kind: str, dtype, variant: Optional[str]) -> Dict[str, torch.Tensor]:
+def _read_component(folder: str, kind: str, dtype, variant: Optional[str],
+                    zero_copy: Optional[bool] = None) -> Dict[str, torch.Tensor]:
     out = {}
     for file in _find_weights(folder, _WEIGHT_NAMES[kind], variant):
-        out.update(checkpoint_io.read_checkpoint(file, dtype=dtype).tensors)
+        out.update(checkpoint_io.read_checkpoint(file, dtype=dtype, zero_copy=zero_copy).tensors)
     return out
 
 
@@ -247,23 +249,24 @@ def load_diffusers_folder(
     dtype: Optional[torch.dtype] = None,
     variant: Optional[str] = None,
     part_dtypes: Optional[Dict[str, torch.dtype]] = None,
+    zero_copy: Optional[bool] = None,
 ) -> StableDiffusionModels:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     family = resolve_family(detect.detect_diffusers_folder(path), path, v2, sdxl)
     unet_cfg = UNet2DConditionModel.load_config(os.path.join(path, "unet"))
     unet_dtype = _part_dtype("unet", dtype, part_dtypes)
-    unet = build_unet(_read_component(os.path.join(path, "unet"), "diffusers", unet_dtype, variant), family, unet_cfg)
+    unet = build_unet(_read_component(os.path.join(path, "unet"), "diffusers", unet_dtype, variant, zero_copy), family, unet_cfg)
     vae = None
     if os.path.isdir(os.path.join(path, "vae")):
         vae_cfg = AutoencoderKL.load_config(os.path.join(path, "vae"))
         vae_dtype = _part_dtype("vae", dtype, part_dtypes)
-        vae = build_vae(_read_component(os.path.join(path, "vae"), "diffusers", vae_dtype, variant), family, vae_cfg)
+        vae = build_vae(_read_component(os.path.join(path, "vae"), "diffusers", vae_dtype, variant, zero_copy), family, vae_cfg)
     text_encoders = []
     for spec in family.text_encoders:
         folder = os.path.join(path, spec.diffusers_subfolder)
         te_dtype = _part_dtype(spec.diffusers_subfolder, dtype, part_dtypes)
-        classic = clip_convert.normalize_clip_keys(_read_component(folder, "transformers", te_dtype, variant))
+        classic = clip_convert.normalize_clip_keys(_read_component(folder, "transformers", te_dtype, variant, zero_copy))
         config = _clip_config_from_file(os.path.join(folder, "config.json"))
         text_encoders.append(build_text_encoder(classic, spec, config))
     prediction = detect.diffusers_prediction_type(path)
@@ -279,7 +282,7 @@ def load_diffusers_folder(
 # entry points
 
 
-def load_vae(path: str, family: ModelFamily, dtype: Optional[torch.dtype] = None):
+def load_vae(path: str, family: ModelFamily, dtype: Optional[torch.dtype] = None, zero_copy: Optional[bool] = None):
     """`--vae`: a diffusers VAE folder (or a model folder with vae/), a diffusers VAE .bin/.safetensors
     state dict, or a single file (full checkpoint or VAE-only, LDM names)."""
     from diffusers import AutoencoderKL
@@ -287,8 +290,8 @@ def load_vae(path: str, family: ModelFamily, dtype: Optional[torch.dtype] = None
     if os.path.isdir(path):
         folder = os.path.join(path, "vae") if os.path.isdir(os.path.join(path, "vae")) else path
         cfg = AutoencoderKL.load_config(folder)
-        return build_vae(_read_component(folder, "diffusers", dtype, None), family, cfg)
-    tensors = checkpoint_io.read_checkpoint(path, dtype=dtype).tensors
+        return build_vae(_read_component(folder, "diffusers", dtype, None, zero_copy), family, cfg)
+    tensors = checkpoint_io.read_checkpoint(path, dtype=dtype, zero_copy=zero_copy).tensors
     if any(k.startswith(detect.VAE_PREFIX) for k in tensors):
         tensors = _split_prefix(tensors, detect.VAE_PREFIX)
     if any(k.startswith("encoder.down_blocks.") for k in tensors):
@@ -308,6 +311,7 @@ def load_models(
     variant: Optional[str] = None,
     keep_ema: bool = False,
     part_dtypes: Optional[Dict[str, torch.dtype]] = None,
+    zero_copy: Optional[bool] = None,
 ) -> StableDiffusionModels:
     """Load a model from a single-file checkpoint or a diffusers folder (family detected from the data).
 
@@ -315,15 +319,17 @@ def load_models(
     dtype: floating-point dtype to load into (None keeps the file's dtypes).
     part_dtypes: per-part exceptions to `dtype`, keyed "unet", "vae", "text_encoder", "text_encoder_2"
     (a trainer reads the parts it trains in float32 and the frozen ones in half precision).
+    zero_copy: False reads every tensor into memory of its own instead of mapping the files
+    (`--disable_mmap_load_safetensors`); None maps where that is safe (see `checkpoint_io.read_checkpoint`).
     """
     if not os.path.exists(path):
         raise UserError(f"{path}: no such file or folder (models are never downloaded; pass a local checkpoint or diffusers folder)")
     if os.path.isdir(path):
-        models = load_diffusers_folder(path, v2, v_parameterization, sdxl, dtype, variant, part_dtypes)
+        models = load_diffusers_folder(path, v2, v_parameterization, sdxl, dtype, variant, part_dtypes, zero_copy)
     else:
-        models = load_single_file(path, v2, v_parameterization, sdxl, dtype, keep_ema, part_dtypes)
+        models = load_single_file(path, v2, v_parameterization, sdxl, dtype, keep_ema, part_dtypes, zero_copy)
     if vae:
-        models.vae = load_vae(vae, models.family, _part_dtype("vae", dtype, part_dtypes))
+        models.vae = load_vae(vae, models.family, _part_dtype("vae", dtype, part_dtypes), zero_copy)
     if models.vae is None:
         raise UserError(f"{path}: the model has no VAE; pass one with --vae")
     return models

@@ -52,14 +52,54 @@ class EpochJobs(torch.utils.data.Dataset):
         return step, index, self.dataset.load_batch(batch, self.epoch, step)
 
 
+class _JobOrder(torch.utils.data.Sampler):
+    """The current epoch's jobs, in order, handed to the workers as keys of `_LoadJob`; set anew each
+    epoch, so one DataLoader (and, with persistent workers, one set of worker processes) serves them all."""
+
+    def __init__(self):
+        self.keys: list = []
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class _LoadJob(torch.utils.data.Dataset):
+    """Loads the batch of one job key (epoch, step, index, batch) in a worker."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, key):
+        epoch, step, index, batch = key
+        return step, index, self.dataset.load_batch(batch, epoch, step)
+
+
 def epoch_loader(run, jobs: EpochJobs):
     """The jobs' loaded batches, in order: from DataLoader workers, or in this process when
-    workers are off or batches may still encode latents that this process's cache must keep."""
+    workers are off or batches may still encode latents that this process's cache must keep.
+
+    The DataLoader is made once per run. With `--persistent_data_loader_workers` its workers live
+    from the first epoch that uses them to the end of the run (as in sd-scripts); without it they
+    start anew every epoch. Workers hold a copy of the dataset made when they start: in-process
+    caches are complete by then (latents pending keep the loading in this process)."""
     workers = min(run.args.max_data_loader_n_workers or 0, os.cpu_count() or 1)
     if workers == 0 or latents_pending(run):  # latents encoded now must land in this process's cache
         return (jobs[i] for i in range(len(jobs)))
-    return torch.utils.data.DataLoader(jobs, batch_size=None, shuffle=False, num_workers=workers,
-                                       collate_fn=lambda item: item, prefetch_factor=2)
+    loader = run.extra.get("epoch_loader")
+    if loader is None:
+        loader = run.extra["epoch_loader"] = torch.utils.data.DataLoader(
+            _LoadJob(run.dataset), batch_size=None, sampler=_JobOrder(), num_workers=workers,
+            collate_fn=_as_loaded, prefetch_factor=2,
+            persistent_workers=bool(getattr(run.args, "persistent_data_loader_workers", False)))
+    loader.sampler.keys = [(jobs.epoch, step, index, batch) for step, index, batch in jobs.jobs]
+    return iter(loader)
+
+
+def _as_loaded(item):
+    return item
 
 
 def by_step(items):

@@ -14,6 +14,7 @@ from typing import Dict
 
 from library.training import lora_metadata
 from library.models import modelspec
+from library.training.train_args import modelspec_flags
 
 VERSION = "sdtrain-0.1.0"
 
@@ -159,9 +160,7 @@ def finish(metadata: Dict[str, str], args, run, epoch: int, step: int, kind: str
         out = lora_metadata.minimum_metadata(out)
     resolution = run.dataset.scan.datasets[0].params.resolution if run.dataset.scan.datasets else None
     title = args.metadata_title or args.output_name or "last"
-    extra = {name: getattr(args, f"metadata_{name}", None) for name in (
-        "author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from", "trigger_phrase",
-        "preprocessor", "is_negative_embedding")}
+    extra = modelspec_flags(args)
     timesteps = (args.min_timestep, args.max_timestep)
     out.update(modelspec.build_metadata(
         run.family, run.models.v_parameterization, title, kind=kind,

@@ -26,6 +26,7 @@ import torch
 from library.models import embedding_files
 from library.errors import UserError
 from library.training.run import Run, Task
+from library.training.train_args import modelspec_flags
 
 logger = logging.getLogger(__name__)
 
@@ -293,9 +294,7 @@ class EmbeddingTask(Task):
         args = run.args
         datasets = run.dataset.scan.datasets
         resolution = tuple(datasets[0].params.resolution) if datasets and datasets[0].params.resolution else None
-        extra = {name: getattr(args, f"metadata_{name}", None) for name in (
-            "author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from", "trigger_phrase",
-            "preprocessor", "is_negative_embedding")}
+        extra = modelspec_flags(args)
         timesteps = (args.min_timestep, args.max_timestep)
         metadata = modelspec.build_metadata(
             run.family, run.models.v_parameterization, args.metadata_title or args.output_name,

@@ -30,6 +30,7 @@ import torch
 
 from library.errors import UserError
 from library.training.run import Run, Task
+from library.training.train_args import modelspec_flags
 
 logger = logging.getLogger(__name__)
 
@@ -425,9 +426,7 @@ class FullModelTask(Task):
         args = run.args
         datasets = run.dataset.scan.datasets if run.dataset is not None else []
         resolution = datasets[0].params.resolution if datasets else None
-        extra = {name: getattr(args, f"metadata_{name}", None) for name in (
-            "author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from", "trigger_phrase",
-            "preprocessor")}
+        extra = modelspec_flags(args)
         timesteps = (args.min_timestep, args.max_timestep)
         return modelspec.build_metadata(
             run.family, run.models.v_parameterization, args.metadata_title or args.output_name or "last",

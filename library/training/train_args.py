@@ -17,6 +17,7 @@ import os
 import sys
 from typing import Dict, Iterable, List, Optional
 
+from library.cli import apply_console_log_flags
 from library.errors import UserError
 from library.refused_options import refuse_set_options
 
@@ -27,8 +28,9 @@ def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("console logging")
     g.add_argument("--console_log_level", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], default=None,
                    help="console log level (default INFO)")
-    g.add_argument("--console_log_file", type=str, default=None, help="also write the console log to this file")
-    g.add_argument("--console_log_simple", action="store_true", help="plain log lines without levels and names")
+    g.add_argument("--console_log_file", type=str, default=None,
+                   help="write the log lines to this file (overwritten) instead of the console")
+    g.add_argument("--console_log_simple", action="store_true", help="plain log lines (always so here)")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, sdxl: bool = False) -> None:
@@ -54,6 +56,16 @@ def add_modelspec_arguments(parser: argparse.ArgumentParser) -> None:
                        ("trigger_phrase", "trigger phrase"), ("preprocessor", "preprocessor"),
                        ("is_negative_embedding", "mark a negative embedding")]:
         g.add_argument(f"--metadata_{name}", type=str, default=None, help=f"modelspec {what}")
+
+
+def modelspec_flags(args: argparse.Namespace) -> Dict[str, Optional[str]]:
+    """The --metadata_* values (but the title) as `modelspec.build_metadata`'s `extra`."""
+    return {
+        "author": args.metadata_author, "description": args.metadata_description, "license": args.metadata_license,
+        "tags": args.metadata_tags, "usage_hint": args.metadata_usage_hint, "thumbnail": args.metadata_thumbnail,
+        "merged_from": args.metadata_merged_from, "trigger_phrase": args.metadata_trigger_phrase,
+        "preprocessor": args.metadata_preprocessor, "is_negative_embedding": args.metadata_is_negative_embedding,
+    }
 
 
 _UNSUPPORTED = "sd-scripts flag, accepted in configs; refused when set (see docs/refused-options.md)"
@@ -103,8 +115,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, support_dreambooth: 
     g.add_argument("--dynamo_backend", type=str, default="inductor", help="torch.compile backend")
     g.add_argument("--max_train_steps", type=int, default=1600, help="number of optimizer steps")
     g.add_argument("--max_train_epochs", type=int, default=None, help="number of epochs (overrides --max_train_steps)")
-    g.add_argument("--max_data_loader_n_workers", type=int, default=8, help="image-loading worker threads")
-    g.add_argument("--persistent_data_loader_workers", action="store_true", help="accepted for compatibility")
+    g.add_argument("--max_data_loader_n_workers", type=int, default=8, help="image-loading worker processes")
+    g.add_argument("--persistent_data_loader_workers", action="store_true",
+                   help="keep the image-loading workers alive between epochs instead of starting them every epoch")
     g.add_argument("--seed", type=int, default=None, help="random seed (random when not given; recorded in metadata)")
     g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for memory")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
@@ -113,11 +126,13 @@ def add_training_arguments(parser: argparse.ArgumentParser, support_dreambooth: 
     g.add_argument("--full_bf16", action="store_true", help="train with bf16 weights and gradients")
     g.add_argument("--fp8_base", action="store_true", help="keep the frozen base model in fp8 (CUDA)")
     g.add_argument("--ddp_timeout", type=int, default=None, help="distributed timeout in minutes")
-    g.add_argument("--ddp_gradient_as_bucket_view", action="store_true", help="DDP option")
-    g.add_argument("--ddp_static_graph", action="store_true", help="DDP option")
+    g.add_argument("--ddp_gradient_as_bucket_view", action="store_true",
+                   help="DDP option; refused (gradients are averaged without DDP, docs/refused-options.md)")
+    g.add_argument("--ddp_static_graph", action="store_true",
+                   help="DDP option; refused (gradients are averaged without DDP, docs/refused-options.md)")
     g.add_argument("--clip_skip", type=int, default=None, help="use the output of the k-th last text-encoder layer")
     g.add_argument("--lowram", action="store_true", help="accepted for compatibility (loading is already lean)")
-    g.add_argument("--highvram", action="store_true", help="accepted for compatibility")
+    g.add_argument("--highvram", action="store_true", help="no device-cache clearing between batches (always so here)")
     g.add_argument("--initial_epoch", type=int, default=None,
                    help="start at this epoch (1-based): step counts, file names and schedules continue from there")
     g.add_argument("--initial_step", type=int, default=None,
@@ -162,7 +177,8 @@ def add_masked_loss_arguments(parser: argparse.ArgumentParser) -> None:
 def add_sdxl_arguments(parser: argparse.ArgumentParser) -> None:
     """SDXL-only flags; the text-encoder caching flags come with the cache group."""
     g = parser.add_argument_group("SDXL")
-    g.add_argument("--disable_mmap_load_safetensors", action="store_true", help="accepted for compatibility")
+    g.add_argument("--disable_mmap_load_safetensors", action="store_true",
+                   help="read model files into memory instead of memory-mapping them (faster on some file systems)")
 
 
 def add_network_arguments(parser: argparse.ArgumentParser) -> None:
@@ -287,9 +303,19 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None
             if key not in explicit:  # CLI > TOML
                 setattr(args, key, value)
     refuse_set_options(args, parser)
+    apply_console_log_flags(args)
+    _check_log_tracker_config(args)
     if getattr(args, "cache_latents_on_first_use", False) and not args.cache_latents_to_disk:
         args.cache_latents = True  # it only changes when the cache is filled
     return args
+
+
+def _check_log_tracker_config(args: argparse.Namespace) -> None:
+    """Read --log_tracker_config now, so a bad file stops the run before any model loads."""
+    if getattr(args, "log_tracker_config", None):
+        from library.training.train_logging import tracker_init_kwargs
+
+        tracker_init_kwargs(args.log_tracker_config)
 
 
 def _explicit_dests(parser: argparse.ArgumentParser, argv: Iterable[str]) -> set:

@@ -2,7 +2,9 @@
 
 `--logging_dir` + `--log_with tensorboard|wandb|all` as in sd-scripts: runs go to
 `<logging_dir>/<log_prefix><YYYYmmddHHMMSS>`. A logger whose package is missing is skipped with
-one warning; training never stops for logging.
+one warning; training never stops for logging. `--log_tracker_config` is a TOML file of keyword
+arguments per tracker (`[wandb]`, `[tensorboard]` tables, as accelerate's `init_trackers(init_kwargs=...)`
+takes them in sd-scripts), passed to `wandb.init` and tensorboard's `SummaryWriter`.
 """
 
 from __future__ import annotations
@@ -13,9 +15,30 @@ import time
 from collections import deque
 from typing import Dict
 
+from library.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 AVERAGE_WINDOW = 100  # steps in the moving average shown on the progress bar
+TRACKERS = ("tensorboard", "wandb")
+
+
+def tracker_init_kwargs(path: str) -> Dict[str, dict]:
+    """`--log_tracker_config`: {tracker: init keyword arguments} from a TOML file, checked."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"--log_tracker_config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise UserError(f"--log_tracker_config {path}: not a readable TOML file ({e})") from None
+    for name, value in table.items():
+        if name not in TRACKERS or not isinstance(value, dict):
+            raise UserError(f"--log_tracker_config {path}: [{name}] is not a tracker table; use "
+                            + " / ".join(f"[{t}]" for t in TRACKERS) + " with keyword arguments for that tracker")
+    return table
 
 
 class TrainLogger:
@@ -32,11 +55,12 @@ class TrainLogger:
             return
         name = (args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S", time.localtime())
         folder = os.path.join(args.logging_dir, name)
+        init = tracker_init_kwargs(args.log_tracker_config) if args.log_tracker_config else {}
         if args.log_with in ("tensorboard", "all"):
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writers.append(("tensorboard", SummaryWriter(folder)))
+                self.writers.append(("tensorboard", SummaryWriter(**{"log_dir": folder, **init.get("tensorboard", {})})))
             except ImportError:
                 logger.warning("--log_with tensorboard: the tensorboard package is not installed; not logging there")
         if args.log_with in ("wandb", "all"):
@@ -45,8 +69,8 @@ class TrainLogger:
 
                 if args.wandb_api_key:
                     wandb.login(key=args.wandb_api_key)
-                wandb.init(project=args.log_tracker_name or "network_train", name=args.wandb_run_name, dir=folder,
-                           config=vars(args) if args.log_config else None)
+                wandb.init(**{"project": args.log_tracker_name or "network_train", "name": args.wandb_run_name,
+                              "dir": folder, "config": vars(args) if args.log_config else None, **init.get("wandb", {})})
                 self.writers.append(("wandb", wandb))
             except ImportError:
                 logger.warning("--log_with wandb: the wandb package is not installed (pip install wandb); not logging there")

@@ -127,6 +127,8 @@ def prepare_run(args, task: Task):
     scan = scan_from_args(args, family)
     scan.raise_for_problems()
     task.check_data(scan, args)
+    if args.debug_dataset:
+        return _debug_dataset(args, family, scan, seed)
 
     # 2. processes, device, precision
     accelerator = make_accelerator(args)
@@ -152,6 +154,7 @@ def prepare_run(args, task: Task):
         dtype=precision.weight_dtype,
         vae=args.vae,
         part_dtypes=part_dtypes,
+        zero_copy=False if getattr(args, "disable_mmap_load_safetensors", False) else None,
     )
     family = models.family
     clip_skip, warning = training_clip_skip(family, args.clip_skip)
@@ -222,6 +225,21 @@ def prepare_run(args, task: Task):
     run.lr_scheduler = build_lr_scheduler(args, optimizer, run.max_steps, accelerator.num_processes)
     run.optimizer = task.wrap_optimizer(run, optimizer)
     return run
+
+
+def _debug_dataset(args, family, scan, seed: int) -> int:
+    """--debug_dataset: write the batches the run would train on (library/data/debug_dataset.py); exit 0."""
+    from library.data.debug_dataset import planned_batches, write_debug_batches
+    from library.data.train_dataset import TrainDataset
+    from library.text.tokenizer import load_tokenizers
+
+    tokenizers = load_tokenizers(family, args.pretrained_model_name_or_path, args.tokenizer_cache_dir)
+    dataset = TrainDataset.from_args(scan, family, tokenizers, args, seed=seed)
+    summary = write_debug_batches(dataset, args.output_dir or ".", planned_batches(dataset, args),
+                                  args.gradient_accumulation_steps)
+    for line in summary.lines():
+        logger.info(line)
+    return 0
 
 
 def _compile_unet(run: Run) -> None:
@@ -442,6 +460,7 @@ def train(args, task: Task):
             if _sample_due(args, step, finished):
                 _sample(run, task, step, finished)
     progress.close()
+    run.extra.pop("epoch_loader", None)  # ends persistent loading workers
     optimizer_eval_mode(run.optimizer)
     _save_point(run, task, policy, math.ceil(step / per_epoch), step, "final")
     tracker.close()
