@@ -76,6 +76,8 @@ ALWAYS_SO = {
     "no_preview": "the generator never opens a preview window",
     "highvram": "no device-cache clearing between batches is done, which is what --highvram asks",
     "console_log_simple": "console lines are always plain text (no rich formatting)",
+    "lowram": "models are memory-mapped and each part read once in its final dtype, the lean loading --lowram asks "
+              "for (recorded as ss_lowram)",
 }
 
 

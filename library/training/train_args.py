@@ -131,7 +131,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, support_dreambooth: 
     g.add_argument("--ddp_static_graph", action="store_true",
                    help="DDP option; refused (gradients are averaged without DDP, docs/refused-options.md)")
     g.add_argument("--clip_skip", type=int, default=None, help="use the output of the k-th last text-encoder layer")
-    g.add_argument("--lowram", action="store_true", help="accepted for compatibility (loading is already lean)")
+    g.add_argument("--lowram", action="store_true", help="lean model loading (always so here: models are memory-mapped)")
     g.add_argument("--highvram", action="store_true", help="no device-cache clearing between batches (always so here)")
     g.add_argument("--initial_epoch", type=int, default=None,
                    help="start at this epoch (1-based): step counts, file names and schedules continue from there")
