@@ -38,7 +38,7 @@ def _first_line(error: Exception) -> str:
     return detail.rstrip(".")
 
 
-def shape_mismatch(expected: Dict[str, torch.Tensor], tensors: Dict[str, torch.Tensor]) -> str:
+def shape_mismatch(expected: Dict[str, torch.Tensor], tensors: Dict[str, torch.Tensor], network_dim) -> str:
     """'' when every tensor both hold has the same shape, else a description of the first that does not:
     module, the two shapes, how many differ, and the rank the file was saved with (LoRA down weights)."""
     differ = [k for k in tensors if k in expected and tuple(tensors[k].shape) != tuple(expected[k].shape)]
@@ -46,11 +46,11 @@ def shape_mismatch(expected: Dict[str, torch.Tensor], tensors: Dict[str, torch.T
         return ""
     key = next((k for k in differ if k.endswith("lora_down.weight")), differ[0])
     module, _, leaf = key.partition(".")
-    text = (f"module {module} ({leaf}) has shape {tuple(tensors[key].shape)} in the file but "
-            f"{tuple(expected[key].shape)} in this network, {len(differ)} tensor(s) differ")
-    if key.endswith("lora_down.weight"):
-        text += f"; the file has rank {tensors[key].shape[0]}, the network {expected[key].shape[0]}"
-    return text
+    rank = f"the file has rank {tensors[key].shape[0]}, " if key.endswith("lora_down.weight") else ""
+    dim = "unset: the module's default" if network_dim is None else network_dim
+    return (f"module {module} ({leaf}) has shape {tuple(tensors[key].shape)} in the file but "
+            f"{tuple(expected[key].shape)} in this network, {len(differ)} tensor(s) differ "
+            f"({rank}--network_dim is {dim})")
 
 
 class NetworkTask(Task):
@@ -65,6 +65,7 @@ class NetworkTask(Task):
         self.train_text_encoder = True
         self.metadata: Dict[str, str] = {}
         self._file_tensors = None
+        self.network_dim = None
 
     @property
     def artifact_ext(self) -> str:  # noqa: D401 - property replaces the class attribute
@@ -109,6 +110,7 @@ class NetworkTask(Task):
     def setup(self, run: Run) -> None:
         args = run.args
         models = run.models
+        self.network_dim = args.network_dim
         te = self._text_encoder_arg(run)
         self.module = self._import_module(args.network_module)
         kwargs = parse_network_args(args.network_args)
@@ -153,10 +155,10 @@ class NetworkTask(Task):
     def _load_network_weights(self, args, file_tensors: Dict[str, torch.Tensor]) -> None:
         path = args.network_weights
         if not args.dim_from_weights:
-            mismatch = shape_mismatch(self.network.state_dict(), file_tensors)
+            mismatch = shape_mismatch(self.network.state_dict(), file_tensors, args.network_dim)
             if mismatch:
-                raise UserError(f"--network_weights {path}: {mismatch} (this network: --network_dim {args.network_dim}); "
-                                "add --dim_from_weights to take the ranks from the file")
+                raise UserError(f"--network_weights {path}: {mismatch}; add --dim_from_weights to take the ranks "
+                                "from the file")
         try:
             info = self.network.load_weights(path)
         except RuntimeError as e:  # a plugin's own shape check: one line, not a state_dict report
@@ -185,7 +187,7 @@ class NetworkTask(Task):
         return dict(self.network.state_dict())
 
     def load_trainable_state(self, tensors: Dict[str, torch.Tensor]) -> None:
-        mismatch = shape_mismatch(self.network.state_dict(), tensors)
+        mismatch = shape_mismatch(self.network.state_dict(), tensors, self.network_dim)
         if mismatch:
             raise UserError(f"{mismatch}; resume with the --network_dim and --network_args the state was saved with")
         missing = sorted(set(self.network.state_dict()) - set(tensors))

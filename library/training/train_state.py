@@ -97,17 +97,28 @@ def _read_json(folder: str) -> tuple:
 
 
 def read_position(folder: str) -> Position:
-    """The position a state folder records (its seed too), without reading its tensors."""
-    return _read_json(resolve_state_folder(folder))[1]
+    """The position a state folder records (its seed too), after a cheap check that every file of it can be
+    read (the safetensors header, the pickles memory-mapped): a damaged state stops the run at its start."""
+    folder = resolve_state_folder(folder)
+    position = _read_json(folder)[1]
+    _check_files(folder)
+    safetensors_io.read_header(os.path.join(folder, WEIGHTS_FILE))
+    _read_pickle(folder, OPTIMIZER_FILE, "optimizer state", mmap=True)
+    _read_pickle(folder, SCHEDULER_FILE, "scheduler state", mmap=True)
+    return position
+
+
+def _check_files(folder: str) -> None:
+    for name in (WEIGHTS_FILE, OPTIMIZER_FILE, SCHEDULER_FILE):
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise UserError(f"--resume {folder}: {name} is missing; the state folder is incomplete")
 
 
 def load_state(folder: str) -> tuple:
     """(trainable tensors, optimizer state dict, scheduler state dict, Position, extra dict)."""
     folder = resolve_state_folder(folder)
     data, position = _read_json(folder)
-    for name in (WEIGHTS_FILE, OPTIMIZER_FILE, SCHEDULER_FILE):
-        if not os.path.isfile(os.path.join(folder, name)):
-            raise UserError(f"--resume {folder}: {name} is missing; the state folder is incomplete")
+    _check_files(folder)
     trainable = safetensors_io.load_tensors(os.path.join(folder, WEIGHTS_FILE))
     optimizer = _read_pickle(folder, OPTIMIZER_FILE, "optimizer state")
     scheduler = _read_pickle(folder, SCHEDULER_FILE, "scheduler state")
@@ -115,13 +126,13 @@ def load_state(folder: str) -> tuple:
     return trainable, optimizer, scheduler, position, extra
 
 
-def _read_pickle(folder: str, name: str, what: str) -> dict:
+def _read_pickle(folder: str, name: str, what: str, mmap: bool = False) -> dict:
     """A state's .pt file, read with weights_only; a damaged or code-carrying file is one line naming it."""
     from library.models.checkpoint_io import torch_load_safely
 
     path = os.path.join(folder, name)
     try:
-        data = torch_load_safely(path, what=what)
+        data = torch_load_safely(path, mmap=mmap, what=what)
     except UserError as e:
         raise UserError(f"--resume: {e}; resume from another state folder") from None
     if not isinstance(data, dict):
