@@ -301,3 +301,16 @@ def test_gen_img_command_line_with_a_lycoris_file(external_sd1, trained, tmp_pat
     args.network_pre_calc = True
     with pytest.raises(UserError, match="--network_pre_calc: lycoris.kohya networks cannot pre-calculate"):
         load_networks(args, models, torch.float32, torch.device("cpu"))
+
+
+def test_gen_img_outdir_that_is_a_file_is_refused_before_the_model_loads(external_sd1, tmp_path, monkeypatch):
+    import gen_img
+    import library.generation.run
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad --outdir was refused")
+
+    monkeypatch.setattr(library.generation.run, "build_engine", refuse)
+    (tmp_path / "out").write_text("notes")
+    with pytest.raises(UserError, match=r"^--outdir .*out: is a file, not a folder; give a folder to save into$"):
+        gen_img.main(["--ckpt", external_sd1, "--outdir", str(tmp_path / "out"), "--prompt", "a cat"])

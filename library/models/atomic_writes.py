@@ -25,6 +25,8 @@ import tempfile
 from contextlib import contextmanager
 from typing import List, Optional
 
+from library.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 # .<final name>.<pid>.<mkstemp/mkdtemp random part>.<tmp|old>[suffix]
@@ -107,6 +109,21 @@ def replace_folder(new: str, path: str) -> None:
     os.rename(path, old)
     os.rename(new, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def check_writable_folder(path: str, flag: str) -> None:
+    """Create the folder `path` if needed and prove it writable (a file written and removed): a folder that is a
+    file, cannot be created, or sits on a read-only file system is one line naming `flag`, before any work."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path}: is a file, not a folder; give a folder to save into")
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise UserError(f"{flag} {path}: cannot write there ({reason}); give a folder you can write in") from None
 
 
 def _alive(pid: int) -> bool:

@@ -17,11 +17,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
-from library.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -126,18 +124,9 @@ def remove(path: str) -> None:
 
 
 def prepare_output_dir(output_dir: str, name: str) -> None:
-    """Create `--output_dir` and prove it writable (a file written and removed), before any work is done;
-    then clean what an interrupted run left there (library/models/atomic_writes.py)."""
-    from library.models.atomic_writes import remove_leftovers
+    """Create `--output_dir` and prove it writable, before any work is done; then clean what an interrupted
+    run left there (library/models/atomic_writes.py)."""
+    from library.models.atomic_writes import check_writable_folder, remove_leftovers
 
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise UserError(f"--output_dir {output_dir}: is a file, not a folder; give a folder to save into")
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=output_dir)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        reason = e.strerror or type(e).__name__
-        raise UserError(f"--output_dir {output_dir}: cannot write there ({reason}); give a folder you can write in") from None
+    check_writable_folder(output_dir, "--output_dir")
     remove_leftovers(output_dir, name)
