@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 
+from library.errors import UserError
 from library.models import atomic_writes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,3 +112,12 @@ def test_leftovers_of_live_processes_and_other_names_stay(tmp_path):
     cleaned = atomic_writes.remove_leftovers(str(tmp_path), "lora")
     assert sorted(os.path.basename(p) for p in cleaned) == sorted(names[:2])
     assert sorted(os.listdir(tmp_path)) == sorted(names[2:])
+
+
+def test_a_file_under_the_folder_name_is_not_replaced(tmp_path):
+    (tmp_path / "state").write_text("notes")
+    with pytest.raises(UserError, match="state: is a file, where a folder is to be saved"):
+        with atomic_writes.atomic_folder(str(tmp_path / "state")) as tmp:
+            (tmp_path / tmp / "a").write_text("new")
+    assert (tmp_path / "state").read_text() == "notes"
+    assert os.listdir(tmp_path) == ["state"]

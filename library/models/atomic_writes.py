@@ -101,6 +101,8 @@ def replace_folder(new: str, path: str) -> None:
     if not os.path.lexists(path):
         os.rename(new, path)
         return
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: is a file, where a folder is to be saved; move it away or save under another name")
     if _exchange(new, path):
         shutil.rmtree(new, ignore_errors=True)  # now the previous folder, under the temporary name
         return
