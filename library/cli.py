@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from typing import Callable
 
@@ -41,6 +42,12 @@ def apply_console_log_flags(args) -> None:
         root.addHandler(handler)
 
 
+def one_line(message: str) -> str:
+    """A message as one plain line: no terminal colour codes (they may come from a library's text), no breaks."""
+    message = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", message)
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
 def run(main: Callable[[], object]) -> None:
     """Call `main`; a UserError becomes `error: <message>` on stderr and exit status 2."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
@@ -48,7 +55,7 @@ def run(main: Callable[[], object]) -> None:
     try:
         result = main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -438,7 +438,9 @@ class LoRANetwork(torch.nn.Module):
             metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = sshs_hashes(state_dict, metadata)
             save_tensors({k: state_dict[k] for k in safetensors_order(state_dict)}, file, metadata)
         else:
-            torch.save(state_dict, file)
+            from library.models.checkpoint_io import save_pickle_checkpoint
+
+            save_pickle_checkpoint(state_dict, file)
 
     def merge_to(self, text_encoder, unet, weights_sd: Dict[str, torch.Tensor], dtype=None, device=None) -> None:
         """Add the LoRA in `weights_sd` into the base weights (W += multiplier·scale·ΔW)."""

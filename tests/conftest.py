@@ -69,3 +69,40 @@ def tiny_checkpoint(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+def build_external_sd1(folder: str, seed: int = 0) -> str:
+    """A tiny SD1 diffusers folder built directly with transformers/diffusers (not library/models): CLIP text
+    encoder 64 wide with one head and default init (final layer norm with zero bias), U-Net widths
+    32/64/96/96 with 8 heads and cross-attention 64, a two-level VAE, DDIM scheduler config."""
+    import json
+
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    encoder = CLIPTextModel(CLIPTextConfig(hidden_size=64, intermediate_size=128, num_attention_heads=1,
+                                           num_hidden_layers=2, vocab_size=49408, max_position_embeddings=77,
+                                           hidden_act="quick_gelu", projection_dim=64))
+    unet = UNet2DConditionModel(block_out_channels=(32, 64, 96, 96), layers_per_block=1, attention_head_dim=8,
+                                cross_attention_dim=64, sample_size=8,
+                                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, sample_size=64)
+    for name, model in [("text_encoder", encoder), ("unet", unet), ("vae", vae)]:
+        model.save_pretrained(os.path.join(folder, name))
+    DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").save_pretrained(
+        os.path.join(folder, "scheduler"))
+    index = {"_class_name": "StableDiffusionPipeline", "text_encoder": ["transformers", "CLIPTextModel"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "scheduler": ["diffusers", "DDIMScheduler"]}
+    with open(os.path.join(folder, "model_index.json"), "w", encoding="utf-8") as f:
+        json.dump(index, f)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def external_sd1(tmp_path_factory):
+    """Path of the tiny SD1 diffusers folder of `build_external_sd1`, made once per session."""
+    return build_external_sd1(str(tmp_path_factory.mktemp("external") / "sd1"))

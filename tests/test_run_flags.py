@@ -2,14 +2,12 @@
 tracker init arguments, modelspec metadata, persistent loader workers, reading models without mmap,
 and --dataset_class (refused)."""
 
-import json
 import logging
 import os
 import subprocess
 import sys
 
 import pytest
-import torch
 
 from library.errors import UserError
 from library.models import safetensors_io

@@ -74,17 +74,14 @@ def check_reference_model(path, fmt) -> None:
 
 def copy_reference_configs(reference: str, out: str) -> None:
     """Replace the written scheduler/tokenizer folders by the reference model's, folder by folder, atomically."""
+    from library.models.atomic_writes import atomic_folder
+
     for name in REFERENCE_FOLDERS:
         source, target = os.path.join(reference, name), os.path.join(out, name)
         if not os.path.isdir(source) or not os.path.isdir(target):
             continue
-        staging = target + ".reference-tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(source, staging)
-        old = target + ".replaced-tmp"
-        os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old)
+        with atomic_folder(target) as staging:
+            shutil.copytree(source, staging, dirs_exist_ok=True)
         print(f"  {name}/ from {reference}")
 
 

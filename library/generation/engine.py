@@ -15,6 +15,9 @@ Other rules:
 * Highres fix: a first pass at a fraction of the size, upscaled (image Lanczos or latent bilinear),
   then img2img at full size with seed + 1 (sd-scripts' order).
 * Latents are decoded here (in the VAE's dtype, `vae_batch_size` at a time), not by the pipeline.
+* Nothing non-finite becomes an image: the text-encoder output, the latents after every sampler step
+  and the decoded pixels are checked, and the first NaN/inf stops generation (`NonFiniteOutput`, one
+  line naming the step and what was not finite) instead of a black image cast from NaN.
 
 Loading what a command line names (model, embeddings, networks) into an engine is
 library/generation/loading.py; the command-line run (prompt files, seeds, batching, file names) is
@@ -30,7 +33,12 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from library.errors import UserError
 from library.generation.samplers import make_scheduler
+
+
+class NonFiniteOutput(UserError):
+    """Generation produced NaN/inf (text encoder, a sampler step or the VAE); nothing is saved from it."""
 
 
 @dataclass(frozen=True)
@@ -228,11 +236,38 @@ class GenerationEngine:
                                                     self.emb_normalize_mode)
         from library.text.encoding import Conditioning
 
+        self._check_finite_conditioning(cond.context, texts)
         parts = []
         for i in range(3 if real_uncond else 2):
             rows = slice(i * count, (i + 1) * count)
             parts.append(Conditioning(cond.context[rows], None if cond.pooled is None else cond.pooled[rows]))
         return parts[0], parts[1], parts[2] if real_uncond else None
+
+    def _hint(self) -> str:
+        hints = []
+        if self.networks:
+            hints.append("check the network files and --network_mul")
+        dtype = next(self.models.unet.parameters()).dtype
+        if dtype == torch.float16:
+            hints.append("float16 may overflow: try --bf16 or float32 (and --no_half_vae)")
+        return "; " + ", ".join(hints) if hints else ""
+
+    def _check_finite_conditioning(self, context: torch.Tensor, texts: Sequence[str]) -> None:
+        finite = torch.isfinite(context).flatten(1).all(dim=1)
+        if not bool(finite.all()):
+            row = int((~finite).nonzero()[0])
+            raise NonFiniteOutput(
+                f"generation stopped before step 1: the text encoder's output for the prompt {texts[row]!r} is not "
+                f"finite (NaN/inf); no image was saved{self._hint()}")
+
+    def _step_check(self, pipe, step: int, timestep, tensors: dict) -> dict:
+        # the pipelines' callback_on_step_end: called with the latents after every sampler step
+        latents = tensors.get("latents")
+        if latents is not None and not bool(torch.isfinite(latents).all()):
+            raise NonFiniteOutput(
+                f"generation stopped at step {step + 1} of {pipe.num_timesteps}: the latents are not finite "
+                f"(NaN/inf in the U-Net's prediction); no image was saved{self._hint()}")
+        return tensors
 
     def _sdxl_kwargs(self, settings: BatchSettings, cond, uncond) -> dict:
         target = (settings.height, settings.width)
@@ -260,7 +295,8 @@ class GenerationEngine:
                                         self.zero_steps_offset)
         kwargs = dict(prompt_embeds=cond.context, negative_prompt_embeds=uncond.context,
                       num_inference_steps=settings.steps, guidance_scale=settings.scale,
-                      generator=_per_image_generators(jobs), output_type="latent")
+                      generator=_per_image_generators(jobs), output_type="latent",
+                      callback_on_step_end=self._step_check)
         if kind != "img2img":
             kwargs.update(height=settings.height, width=settings.width)
         if kind != "txt2img":
@@ -289,10 +325,17 @@ class GenerationEngine:
         count = latents.shape[0]
         per_call = self.vae_batch_size or count
         per_call = max(1, int(count * per_call) if per_call < 1 else int(per_call))
+        if not bool(torch.isfinite(latents).all()):
+            raise NonFiniteOutput(f"generation stopped before decoding: the latents are not finite (NaN/inf); "
+                                  f"no image was saved{self._hint()}")
         images = []
         with torch.no_grad():
             for chunk in latents.split(per_call):
                 pixels = vae.decode(chunk.to(device, dtype) / vae.config.scaling_factor).sample
+                if not bool(torch.isfinite(pixels).all()):
+                    raise NonFiniteOutput(
+                        "generation stopped after the last step: the VAE decoded non-finite pixels (NaN/inf) from "
+                        f"finite latents; no image was saved{self._hint()}")
                 pixels = (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
                 images += [Image.fromarray((p * 255).round().astype("uint8")) for p in pixels]
         return images

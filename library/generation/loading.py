@@ -19,6 +19,8 @@ import torch
 
 from library.errors import UserError
 from library.generation.engine import GenerationEngine
+from library.models.checkpoint_io import check_finite
+from library.models.text_encoder_view import plugin_text_encoders
 
 logger = logging.getLogger(__name__)
 
@@ -109,24 +111,29 @@ def load_networks(args, models, dtype: torch.dtype, device: torch.device):
             from library.models.safetensors_io import read_metadata
 
             logger.info("metadata of %s: %s", path, read_metadata(path))
-        encoders = list(models.text_encoders)
+        encoders = plugin_text_encoders(name, models.text_encoders)  # as the trainer hands them to plugins
         try:
             network, weights = module.create_network_from_weights(mul, path, models.vae, encoders, models.unet,
                                                                   for_inference=True, **kwargs)
         except UserError as e:  # name the file: the plugin's message may not
             raise UserError(str(e) if path in str(e) else f"{path}: {e}") from None
+        check_finite(weights, path)
         _check_network_fits(network, weights, path, models.family)
         try:
             if i < merge_count and network.is_mergeable():
                 network.merge_to(encoders, models.unet, weights, dtype, device)
                 logger.info("merged %s (multiplier %s)", path, mul)
                 continue
-            network.apply_to(encoders, models.unet)
+            # both parts explicitly: plugins such as lycoris.kohya require the flags
+            network.apply_to(encoders, models.unet, True, True)
             network.load_state_dict(weights, strict=False)
         except RuntimeError as e:  # tensor shapes of another model size
             raise UserError(f"{path}: does not fit this {models.family.title} model ({str(e).strip().splitlines()[0]})") from None
         network.to(device, dtype).eval()
         if args.network_pre_calc:
+            if not all(hasattr(network, m) for m in ("backup_weights", "restore_weights", "pre_calculation")):
+                raise UserError(f"--network_pre_calc: {name} networks cannot pre-calculate their weights; leave the "
+                                "flag out (they are applied as they are) or merge them with --network_merge")
             network.backup_weights()
         networks.append(network)
         muls.append(mul)
@@ -134,11 +141,21 @@ def load_networks(args, models, dtype: torch.dtype, device: torch.device):
 
 
 def _check_network_fits(network, weights: dict, path: str, family) -> None:
+    """Every module of the file must have found its layer: none → another family (refused); some → a warning
+    naming how many and which part (a part dropped without a word would be a silent wrong image)."""
+    in_file = {k.partition(".")[0] for k in weights if "." in k and k.startswith(("lora_te", "lora_unet"))}
     unmatched = getattr(network, "unmatched_modules", None)
-    total = {k.partition(".")[0] for k in weights if k.endswith("lora_down.weight")}
-    if unmatched is not None and total and len(unmatched) == len(total):
-        raise UserError(f"{path}: none of its {len(total)} modules match this {family.title} model "
+    if unmatched is None:  # a plugin: compare with the modules it built
+        built = getattr(network, "text_encoder_loras", []) + getattr(network, "unet_loras", [])
+        unmatched = sorted(in_file - {getattr(m, "lora_name", None) for m in built})
+    if in_file and len(unmatched) == len(in_file):
+        raise UserError(f"{path}: none of its {len(in_file)} modules match this {family.title} model "
                         "(made for another model family?)")
+    if unmatched:
+        encoder = sum(1 for m in unmatched if m.startswith("lora_te"))
+        logger.warning("%s: %d of its %d modules match no layer of this model and are not applied (%d of the text "
+                       "encoder, %d of the U-Net), e.g. %s", path, len(unmatched), len(in_file), encoder,
+                       len(unmatched) - encoder, unmatched[0])
 
 
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:

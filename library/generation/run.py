@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import List, Optional, Sequence
 
 from library.errors import UserError
+from library.models.atomic_writes import check_writable_folder
 from library.generation.loading import build_engine
 from library.generation.engine import BatchSettings, GenerationEngine, HighresFix, ImageJob
 
@@ -139,8 +140,8 @@ def run_from_args(args, sdxl: Optional[bool] = None) -> int:
     if not args.interactive:
         entries = list(entries)
     single = not args.interactive and iterations * len(entries) * args.images_per_prompt == 1
+    check_writable_folder(args.outdir, "--outdir")  # before the model loads
     engine = build_engine(args, sdxl)
-    os.makedirs(args.outdir, exist_ok=True)
     seeds = SeedPlan(args.seed, single)
     run = CommandLineRun(args, engine, images, masks, seeds)
     for _ in range(iterations):

@@ -105,7 +105,7 @@ def sample_images(
     eval mode while sampling. replacements: substring replacements for prompts (textual inversion's
     `token` → `token token1 ...`).
     """
-    from library.generation.engine import BatchSettings, GenerationEngine, ImageJob
+    from library.generation.engine import BatchSettings, GenerationEngine, ImageJob, NonFiniteOutput
     from library.generation.png_info import image_info, save_png
     from library.generation.prompt_options import load_prompt_file
     from library.generation.samplers import check_sampler
@@ -145,7 +145,11 @@ def sample_images(
                            negative_prompt=_replace(prompt.get("negative_prompt"), replacements) or "", seed=seed)
             logger.info("sample %d: %s (seed %d, %dx%d)", prompt["enum"], job.prompt[:80], seed, settings.width,
                         settings.height)
-            image = engine.generate([job], settings)[0]
+            try:
+                image = engine.generate([job], settings)[0]
+            except NonFiniteOutput as e:  # a sample must not stop training, nor be saved black
+                logger.error("sample %d not saved: %s", prompt["enum"], e)
+                continue
             name = sample_file_name(getattr(args, "output_name", None), step, epoch, prompt["enum"], given_seed,
                                     time.strftime("%Y%m%d%H%M%S", time.localtime()))
             path = os.path.join(folder, name)

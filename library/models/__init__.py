@@ -3,7 +3,10 @@
 * `families`, `detect`: SD1/SD2/SDXL descriptions and telling them apart from the weights;
 * `unet_convert`, `vae_convert`, `clip_convert`: single-file (original) ⇄ diffusers key layouts;
 * `loading`, `saving`, `safetensors_io`, `checkpoint_io`, `modelspec`: reading and writing checkpoints
-  and diffusers folders (atomic writes, `weights_only` pickles, modelspec metadata);
+  and diffusers folders (`weights_only` pickles, modelspec metadata);
+* `atomic_writes`: files and folders written under a temporary name and renamed into place, and the
+  clean-up of what a killed writer left;
+* `text_encoder_view`: the text encoders as `--network_module` plugins expect them (`text_model.`);
 * `embedding_files`: textual-inversion embedding files, which ride on a model's text encoders
   (here, not in `training`, because the generators read them too);
 * `random_models`: seeded random models of the real layouts (tiny or full size);

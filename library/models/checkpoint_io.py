@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
@@ -51,19 +51,35 @@ def _check_exists(path: str) -> None:
 
 def torch_load_safely(path: str, mmap: bool = False, what: str = "checkpoint", allow: tuple = ()) -> object:
     """`torch.load(weights_only=True)` with one-line errors; `allow`: extra classes known to hold only
-    tensors (e.g. the ParameterDict of old A1111 embeddings)."""
+    tensors (e.g. the ParameterDict of old A1111 embeddings).
+
+    torch's own texts run over several lines, carry terminal colour codes and suggest
+    `weights_only=False`; none of that reaches the user: a pickle asking for code is named by the
+    global it asks for, anything else unreadable is a damaged file."""
+    import warnings
+
     try:
-        with torch.serialization.safe_globals(list(allow)):
+        with torch.serialization.safe_globals(list(allow)), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol ..." for a damaged file
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported object"
-        raise UserError(
-            f"{path}: refused to load: the pickle holds objects other than tensors ({first}); "
-            "loading it could run code. Convert it to .safetensors with a tool you trust"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{path}: cannot read this {what} ({msg}); the file is truncated or damaged") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+        wanted = re.search(r"GLOBAL ([\w.]+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        if wanted:
+            raise UserError(
+                f"{path}: refused to load this {what}: the pickle asks for {wanted.group(1)}, not only tensors; "
+                "loading it could run code. Use a file you made, or convert it to .safetensors with a tool you trust"
+            ) from None
+        raise UserError(f"{path}: cannot read this {what} ({_short_reason(e)}); the file is truncated or damaged") from None
+
+
+def _short_reason(error: Exception) -> str:
+    """A few words on why torch could not read a file, without its advice or colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    if not isinstance(error, (RuntimeError, OSError)) or "weights_only" in text:
+        return "not a readable PyTorch file"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    first = first.split(". ")[0]
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def _flatten_pickle(obj: object, path: str) -> tuple:
@@ -118,6 +134,16 @@ def read_checkpoint(
     if path.endswith(".safetensors"):
         raise UserError(f"{path}: not a valid safetensors file; is it truncated or another format?")
     raise UserError(f"{path}: not a model file (neither safetensors nor a PyTorch checkpoint)")
+
+
+def check_finite(tensors: Dict[str, torch.Tensor], path: str) -> None:
+    """UserError naming the file and the first tensor holding NaN/inf (a damaged file, or one saved from a
+    diverged training): caught when the file is read, not blamed on the images steps later."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise UserError(f"{path}: tensor {key} holds {bad} NaN/inf value(s) of {tensor.numel()}; the file is "
+                            "damaged or was saved from a diverged training; use another file")
 
 
 def read_keys(path: str) -> Dict[str, tuple]:

@@ -1,4 +1,4 @@
-"""Streaming reader and writer for the safetensors format, and atomic file writes.
+"""Streaming reader and writer for the safetensors format (written atomically: library/models/atomic_writes.py).
 
 The reader parses the header itself and checks it against the file size, so a truncated download
 is reported before any tensor is read. A tensor that needs no dtype conversion is not read at all:
@@ -25,14 +25,13 @@ import json
 import math
 import os
 import struct
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Optional
 
 import torch
 
 from library.errors import UserError
+from library.models.atomic_writes import atomic_path  # noqa: F401 - also imported from here
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -188,32 +187,6 @@ def _map_private(path: str, f, header: SafetensorsHeader, names) -> "torch.Untyp
     if (now.st_dev, now.st_ino) != (ours.st_dev, ours.st_ino):
         return False  # replaced since it was opened: read the file the header came from
     return mapped
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextmanager
-def atomic_path(path: str, suffix: str = ""):
-    """Yield a temporary path next to `path`; on success it replaces `path` in one rename.
-
-    A crash or kill while writing leaves any previous file at `path` untouched.
-    """
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp" + suffix, dir=directory)
-    os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; saved models get the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_tensors(tensors: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None) -> None:

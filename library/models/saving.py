@@ -11,13 +11,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from typing import Dict, Optional
 
 import torch
 
-from library.models import checkpoint_io, clip_convert, detect, modelspec, safetensors_io, unet_convert, vae_convert
+from library.models import atomic_writes, checkpoint_io, clip_convert, detect, modelspec, safetensors_io, unet_convert, vae_convert
 from library.errors import UserError
 from library.models.loading import StableDiffusionModels
 
@@ -254,26 +252,12 @@ def save_diffusers_folder(
     precision: Optional[torch.dtype] = None,
     tokenizers=None,
 ) -> None:
-    """Write into a temp folder beside `path`, then swap it in; an old folder is removed only after."""
+    """Write into a temp folder beside `path`, then swap it in (library/models/atomic_writes.py)."""
     path = os.path.normpath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
     if os.path.isfile(path):
         raise UserError(f"{path}: is a file; a diffusers model is saved as a folder (use a path without extension)")
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=parent)
-    try:
+    with atomic_writes.atomic_folder(path) as tmp:
         _write_diffusers(models, tmp, precision, use_safetensors, tokenizers)
-        old = None
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".old", dir=parent)
-            os.rmdir(old)
-            os.rename(path, old)
-        os.rename(tmp, path)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_models(

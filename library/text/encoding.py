@@ -231,13 +231,45 @@ def pooled_at_first_eos(text_encoder, output, ids: torch.Tensor, eos_id: int) ->
     return text_encoder.text_projection(last[torch.arange(last.shape[0], device=last.device), position])
 
 
+# `original` rescales by (mean before weighting) / (mean after). That ratio means something only when both
+# means stand clear of 0: an encoder whose final layer norm has no bias (or a near-symmetric output) has a
+# mean that is rounding noise, and the ratio is then an arbitrary number (0/0 = NaN, a huge or negative
+# factor). Below this share of the mean |x| a mean counts as vanishing, and the row is rescaled by its
+# mean |x| instead (the `abs` rule), which keeps the magnitude the rescale is there to keep.
+VANISHING_MEAN = 1e-3
+
+
 def _apply_weights(states: torch.Tensor, weights: torch.Tensor, normalize: str) -> torch.Tensor:
-    """Multiply states (B, T, C) by per-token weights (B, T); optionally restore each row's mean."""
-    weighted = states * weights.to(device=states.device, dtype=states.dtype).unsqueeze(-1)
+    """Multiply states (B, T, C) by per-token weights (B, T); optionally restore each row's mean.
+
+    A row whose weights are all 1 is returned as it is: it is the unweighted encoding, whatever the mode.
+    """
+    weights = weights.to(device=states.device, dtype=states.dtype)
+    weighted = states * weights.unsqueeze(-1)
     if normalize == "none":
         return weighted
-    ratio = (_row_mean(states, normalize) / _row_mean(weighted, normalize)).to(states.dtype)
-    return weighted * ratio[:, None, None]
+    before_abs, after_abs = _row_mean(states, "abs"), _row_mean(weighted, "abs")
+    ratio = torch.where(after_abs > 0, before_abs / after_abs.clamp_min(torch.finfo(torch.float32).tiny), 1.0)
+    if normalize == "original":
+        before, after = _row_mean(states, "original"), _row_mean(weighted, "original")
+        floor = torch.minimum(before_abs, after_abs) * VANISHING_MEAN
+        usable = (before.abs() > floor) & (after.abs() > floor) & (before.sign() == after.sign())
+        ratio = torch.where(usable, before / torch.where(usable, after, 1.0), ratio)
+        weighted_rows = ~(weights == 1).all(dim=1)
+        if bool((weighted_rows & ~usable).any()):
+            _note_vanishing_mean()
+    ratio = torch.where((weights == 1).all(dim=1), 1.0, ratio)
+    return weighted * ratio.to(states.dtype)[:, None, None]
+
+
+_noted = []
+
+
+def _note_vanishing_mean() -> None:
+    if not _noted:  # once per process: the same model gives it for many prompts
+        _noted.append(True)
+        logger.info("--emb_normalize_mode original: this text encoder's mean output is ~0, so weighted prompts "
+                    "are rescaled to their mean |x| instead (as --emb_normalize_mode abs does)")
 
 
 def _row_mean(states: torch.Tensor, normalize: str) -> torch.Tensor:

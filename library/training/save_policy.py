@@ -5,6 +5,8 @@ Names and rules follow sd-scripts so existing scripts that pick up `<name>-00000
 
 * epoch saves `<name>-<epoch:06d><ext>`, step saves `<name>-step<step:08d><ext>`, the final `<name><ext>`;
 * states `<name>-<epoch:06d>-state`, `<name>-step<step:08d>-state`, `<name>-state`;
+* the output folder is checked before any model loads (`prepare_output_dir`: a folder we can write
+  in), and temporary files a killed run left there are cleaned up;
 * an epoch save happens when `epoch % every == 0` and it is not the last epoch (that one is the final
   file); `--save_last_n_epochs K` removes the save `every × K` epochs back, `--save_last_n_steps K`
   the step save `K` steps back (rounded down to a multiple of `every`).
@@ -17,6 +19,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from typing import Optional
+
 
 logger = logging.getLogger(__name__)
 
@@ -118,3 +121,12 @@ def remove(path: str) -> None:
     elif os.path.exists(path):
         os.remove(path)
         logger.info("removed old %s", path)
+
+
+def prepare_output_dir(output_dir: str, name: str) -> None:
+    """Create `--output_dir` and prove it writable, before any work is done; then clean what an interrupted
+    run left there (library/models/atomic_writes.py)."""
+    from library.models.atomic_writes import check_writable_folder, remove_leftovers
+
+    check_writable_folder(output_dir, "--output_dir")
+    remove_leftovers(output_dir, name)

@@ -9,40 +9,48 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from typing import Dict
 
 import torch
 
 from library.errors import UserError
+from library.models.text_encoder_view import plugin_text_encoders
 from library.training.train_args import parse_network_args
 from library.training.run import Run, Task
 
 logger = logging.getLogger(__name__)
 
 
-class ClassicTextEncoderView(torch.nn.Module):
-    """A transformers-5 `CLIPTextModel` seen under the classic `text_model.` module path.
+def _read_checked(path: str) -> Dict[str, torch.Tensor]:
+    from library.models.checkpoint_io import check_finite, read_checkpoint
 
-    Plugins name their modules by walking `named_modules()`; through this view they produce the
-    `lora_te_text_model_encoder_...` names every other tool expects. The view owns no weights:
-    patching its modules patches the real encoder."""
-
-    def __init__(self, encoder: torch.nn.Module):
-        super().__init__()
-        self.text_model = encoder
-
-    def forward(self, *args, **kwargs):
-        return self.text_model(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["text_model"], name)
+    if not os.path.isfile(path):
+        raise UserError(f"--network_weights {path}: no such file")
+    tensors = read_checkpoint(path).tensors
+    check_finite(tensors, path)
+    return tensors
 
 
-def classic_view(encoder: torch.nn.Module) -> torch.nn.Module:
-    return encoder if hasattr(encoder, "text_model") else ClassicTextEncoderView(encoder)
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = next((line for line in lines if "size mismatch" in line), lines[0] if lines else type(error).__name__)
+    return detail.rstrip(".")
+
+
+def shape_mismatch(expected: Dict[str, torch.Tensor], tensors: Dict[str, torch.Tensor], network_dim) -> str:
+    """'' when every tensor both hold has the same shape, else a description of the first that does not:
+    module, the two shapes, how many differ, and the rank the file was saved with (LoRA down weights)."""
+    differ = [k for k in tensors if k in expected and tuple(tensors[k].shape) != tuple(expected[k].shape)]
+    if not differ:
+        return ""
+    key = next((k for k in differ if k.endswith("lora_down.weight")), differ[0])
+    module, _, leaf = key.partition(".")
+    rank = f"the file has rank {tensors[key].shape[0]}, " if key.endswith("lora_down.weight") else ""
+    dim = "unset: the module's default" if network_dim is None else network_dim
+    return (f"module {module} ({leaf}) has shape {tuple(tensors[key].shape)} in the file but "
+            f"{tuple(expected[key].shape)} in this network, {len(differ)} tensor(s) differ "
+            f"({rank}--network_dim is {dim})")
 
 
 class NetworkTask(Task):
@@ -56,6 +64,8 @@ class NetworkTask(Task):
         self.train_unet = True
         self.train_text_encoder = True
         self.metadata: Dict[str, str] = {}
+        self._file_tensors = None
+        self.network_dim = None
 
     @property
     def artifact_ext(self) -> str:  # noqa: D401 - property replaces the class attribute
@@ -73,6 +83,8 @@ class NetworkTask(Task):
             raise UserError("--base_weights_multiplier needs one value per --base_weights file")
         if not args.output_dir:
             raise UserError("--output_dir is required")
+        # readable and finite, before the data scan and any model load
+        self._file_tensors = _read_checked(args.network_weights) if args.network_weights else None
 
     def frozen_weights_may_stay_half(self, args) -> bool:
         # our modules only call the base layer; plugins (LyCORIS) also compute with its weight
@@ -86,10 +98,7 @@ class NetworkTask(Task):
         return self.train_unet
 
     def _text_encoder_arg(self, run: Run):
-        tes = run.models.text_encoders
-        if not run.args.network_module.startswith("networks."):
-            tes = [classic_view(te) for te in tes]  # third-party plugins name modules by path
-        return tes if len(tes) > 1 else tes[0]
+        return plugin_text_encoders(run.args.network_module, run.models.text_encoders)
 
     def _import_module(self, name: str):
         try:
@@ -101,6 +110,7 @@ class NetworkTask(Task):
     def setup(self, run: Run) -> None:
         args = run.args
         models = run.models
+        self.network_dim = args.network_dim
         te = self._text_encoder_arg(run)
         self.module = self._import_module(args.network_module)
         kwargs = parse_network_args(args.network_args)
@@ -127,11 +137,9 @@ class NetworkTask(Task):
         self.train_unet = not args.network_train_text_encoder_only
         self.train_text_encoder = not args.network_train_unet_only
         self.network.apply_to(te, models.unet, self.train_text_encoder, self.train_unet)
-        if args.network_weights and not args.dim_from_weights:
-            info = self.network.load_weights(args.network_weights)
-            logger.info("loaded network weights %s: %s", args.network_weights, info)
-        elif args.network_weights:
-            self.network.load_weights(args.network_weights)
+        if args.network_weights:
+            self._load_network_weights(args, self._file_tensors)
+            self._file_tensors = None
         if hasattr(self.network, "set_multiplier"):
             self.network.set_multiplier(args.network_multiplier)
         self.network.to(run.device, dtype=run.precision.train_dtype)
@@ -143,6 +151,20 @@ class NetworkTask(Task):
         if self.train_text_encoder:
             for encoder in models.text_encoders:
                 encoder.to(run.device)
+
+    def _load_network_weights(self, args, file_tensors: Dict[str, torch.Tensor]) -> None:
+        path = args.network_weights
+        if not args.dim_from_weights:
+            mismatch = shape_mismatch(self.network.state_dict(), file_tensors, args.network_dim)
+            if mismatch:
+                raise UserError(f"--network_weights {path}: {mismatch}; add --dim_from_weights to take the ranks "
+                                "from the file")
+        try:
+            info = self.network.load_weights(path)
+        except RuntimeError as e:  # a plugin's own shape check: one line, not a state_dict report
+            raise UserError(f"--network_weights {path}: does not fit this network ({_first_line(e)}); "
+                            "add --dim_from_weights to take the ranks from the file") from None
+        logger.info("loaded network weights %s: %s", path, info)
 
     def param_groups(self, run: Run) -> tuple:
         args = run.args
@@ -165,6 +187,15 @@ class NetworkTask(Task):
         return dict(self.network.state_dict())
 
     def load_trainable_state(self, tensors: Dict[str, torch.Tensor]) -> None:
+        mismatch = shape_mismatch(self.network.state_dict(), tensors, self.network_dim)
+        if mismatch:
+            raise UserError(f"{mismatch}; resume with the --network_dim and --network_args the state was saved with")
+        missing = sorted(set(self.network.state_dict()) - set(tensors))
+        unexpected = sorted(set(tensors) - set(self.network.state_dict()))
+        if missing or unexpected:
+            which = f"this run has {missing[0]}, the state does not" if missing else f"the state has {unexpected[0]}, this run does not"
+            raise UserError(f"holds other modules than this run's network ({which}); resume with the --network_module, "
+                            "--network_args and --network_train_*_only flags the state was saved with")
         self.network.load_state_dict(tensors, strict=True)
 
     def before_step(self, run: Run, batch: dict) -> None:

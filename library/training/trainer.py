@@ -68,6 +68,15 @@ def _run_seed(args) -> int:
     return seed
 
 
+def _check_run_trains(args) -> None:
+    """A run that would train nothing is refused: it would only overwrite a model with an untrained one."""
+    if args.max_train_epochs is not None and args.max_train_epochs < 1:
+        raise UserError(f"--max_train_epochs {args.max_train_epochs}: a run trains at least 1 epoch")
+    if args.max_train_epochs is None and (args.max_train_steps is None or args.max_train_steps < 1):
+        raise UserError(f"--max_train_steps {args.max_train_steps}: a run trains at least 1 step "
+                        "(nothing would be trained, and the saved file would be the untrained network)")
+
+
 def _frozen_parts(args, precision, device: torch.device, trained_parts: dict, task: Task) -> tuple:
     """(parts read in the file's own dtype, parts whose frozen layers `library.models.frozen_weights` holds).
 
@@ -124,6 +133,11 @@ def prepare_run(args, task: Task):
     family = peek_family(args, task.sdxl)
     if args.dataset_check:
         return run_dataset_check(args, family)
+    _check_run_trains(args)
+    if args.output_dir:
+        from library.training.save_policy import prepare_output_dir
+
+        prepare_output_dir(args.output_dir, args.output_name or "last")
     scan = scan_from_args(args, family)
     scan.raise_for_problems()
     task.check_data(scan, args)
@@ -274,12 +288,25 @@ def _resume(run: Run, task: Task):
     from library.training import ema
     from library.training.train_state import load_state
 
-    tensors, opt_state, sched_state, position, _ = load_state(run.args.resume)
+    from library.training.train_state import WEIGHTS_FILE, resolve_state_folder
+
+    folder = resolve_state_folder(run.args.resume)
+    tensors, opt_state, sched_state, position, _ = load_state(folder)
     ema_tensors, tensors = ema.split_state(tensors)
-    task.load_trainable_state(tensors)
+    try:
+        task.load_trainable_state(tensors)
+    except UserError as e:
+        raise UserError(f"--resume: {os.path.join(folder, WEIGHTS_FILE)}: {e}") from None
+    except RuntimeError as e:  # the task's own strict load: one line, not torch's per-tensor report
+        raise UserError(f"--resume: {os.path.join(folder, WEIGHTS_FILE)}: does not fit this run "
+                        f"({str(e).strip().splitlines()[0]}); resume with the settings the state was saved with") from None
     if run.extra.get("ema") is not None:  # EMA: the shadow weights continue from the state
         run.extra["ema"].load_state_tensors(ema_tensors, f"--resume {run.args.resume}")
-    run.optimizer.load_state_dict(opt_state)
+    try:
+        run.optimizer.load_state_dict(opt_state)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--resume: {folder}: the optimizer state does not fit this run's optimizer ({e}); resume "
+                        "with the --optimizer_type, --optimizer_args and learning rates the state was saved with") from None
     if run.lr_scheduler is not None and sched_state:
         run.lr_scheduler.load_state_dict(sched_state)
     logger.info("resumed from %s at epoch %d, step %d", run.args.resume, position.epoch, position.step)
@@ -361,6 +388,8 @@ def _save_point(run: Run, task: Task, policy, epoch: int, step: int, kind: str) 
         file, state = names.step_name(policy.name, step, policy.ext), names.step_state_name(policy.name, step)
     else:
         file, state = names.final_name(policy.name, policy.ext), names.final_state_name(policy.name)
+        if step == 0:  # nothing was trained: an existing file must not be replaced by the untrained weights
+            raise UserError(f"no step was trained; {policy.path(file)} was not written")
     with ema.weights(run.extra.get("ema"), getattr(run.args, "save_ema", False)):  # EMA: --save_ema
         task.save(run, policy.path(file), epoch, step, final=kind == "final")
     logger.info("saved %s", policy.path(file))
