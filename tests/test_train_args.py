@@ -46,9 +46,10 @@ def test_config_file_without_extension(parser, tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("learning_rat = 1e-4\n", "unknown key 'learning_rat'; did you mean learning_rate"),
     ("max_train_steps = \"many\"\n", "max_train_steps = 'many' is not valid"),
-    ("gradient_checkpointing = 1\n", "must be true or false"),
+    ("gradient_checkpointing = 2\n", "is a flag: write true or false"),
+    ("max_train_steps = 2.5\n", "must be a whole number"),
+    ("resume = true\n", "takes a value, not true"),
     ("mixed_precision = \"fp8\"\n", "is not one of"),
     ("a = [\n", "not valid TOML"),
 ])
