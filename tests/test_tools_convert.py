@@ -70,3 +70,17 @@ def test_bad_input_is_one_line(tmp_path):
     r = run_tool("tools/convert_diffusers20_original_sd.py", str(bad), str(tmp_path / "o.safetensors"))
     assert r.returncode == 2
     assert r.stderr.startswith("error: ") and "broken.safetensors" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_show_metadata_takes_the_file_positional_or_as_model(tmp_path):
+    from library.models.safetensors_io import save_tensors
+
+    path = str(tmp_path / "lora.safetensors")
+    save_tensors({"w": torch.zeros(2)}, path, {"ss_network_dim": "4", "ss_tag_frequency": '{"a": {"cat": 2}}'})
+    for argv in ([path], ["--model", path]):
+        r = run_tool("tools/show_metadata.py", *argv)
+        assert r.returncode == 0, r.stderr
+        meta = json.loads(r.stdout)
+        assert meta["ss_network_dim"] == "4" and meta["ss_tag_frequency"] == {"a": {"cat": 2}}
+    r = run_tool("tools/show_metadata.py")
+    assert r.returncode == 2 and r.stderr.startswith("error: no file given") and r.stderr.count("\n") == 1
