@@ -16,6 +16,7 @@ from typing import Dict, Iterable, List, Optional
 
 from library.errors import UserError
 from library.refused_options import refuse_set_options
+from library.training.optimizers import check_learning_rates
 
 SAVE_PRECISIONS = [None, "float", "fp16", "bf16"]
 
@@ -229,6 +230,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None
                                         getattr(parser, "option_scripts", None))
     refuse_set_options(args, parser)
     refuse_sdxl_v2(args, parser)
+    check_learning_rates(args)
     if getattr(args, "cache_latents_on_first_use", False) and not args.cache_latents_to_disk:
         args.cache_latents = True  # it only changes when the cache is filled
     return args
