@@ -194,11 +194,12 @@ def read_config_file(path: str, parser: argparse.ArgumentParser) -> tuple[dict, 
 
 
 def describe_unknown_keys(keys: List[str], options: List[str], other_scripts: Optional[Dict[str, List[str]]]) -> str:
-    """Each key with what it is: a GUI setting, another script's option, or a likely typo."""
-    gui, preset, other, dit, typo, plain = [], [], [], [], [], []
+    """The keys grouped by what they are: GUI settings, other scripts' options, likely typos."""
+    gui, preset, dataset, dit, typo, plain = [], [], [], [], [], []
+    by_scripts: Dict[str, List[str]] = {}
     for key in keys:
         if key in DATASET_CONFIG_KEYS:
-            other.append(f"{key} (a --dataset_config section: pass that file with --dataset_config)")
+            dataset.append(key)
         elif key in KOHYA_GUI_KEYS:
             hint = KOHYA_GUI_KEYS[key]
             gui.append(f"{key} ({hint})" if hint else key)
@@ -206,7 +207,7 @@ def describe_unknown_keys(keys: List[str], options: List[str], other_scripts: Op
             hint = PRESET_KEYS[key]
             preset.append(f"{key} (use {hint})" if hint else key)
         elif other_scripts and key in other_scripts:
-            other.append(f"{key} (an option of {', '.join(other_scripts[key])})")
+            by_scripts.setdefault(", ".join(other_scripts[key]), []).append(key)
         elif key in DIT_OPTIONS:
             dit.append(key)
         else:
@@ -217,10 +218,13 @@ def describe_unknown_keys(keys: List[str], options: List[str], other_scripts: Op
         parts.append("kohya_ss GUI settings: " + ", ".join(gui))
     if preset:
         parts.append("settings of GUI presets: " + ", ".join(preset))
-    parts += other
+    parts += [f"options of {scripts}: {', '.join(names)}" for scripts, names in by_scripts.items()]
     if dit:
         parts.append("options of sd-scripts' SD3/FLUX scripts: " + ", ".join(dit))
-    parts += typo + plain
+    if dataset:
+        parts.append(f"{', '.join(dataset)} (--dataset_config sections: pass that file with --dataset_config)")
+    if typo or plain:
+        parts.append("unknown: " + ", ".join(typo + plain))
     return "; ".join(parts)
 
 
