@@ -175,3 +175,15 @@ def test_sdxl_scripts_accept_v2_false_and_refuse_v2_true(tmp_path):
         with pytest.raises(UserError, match=r"^--v2: SDXL"):
             parse_args(parser, ["--config_file", config(tmp_path, "v2 = true\n", "v2.toml")])
     assert parse_args(script_parsers.network_parser(False, ""), ["--v2"]).v2 is True  # SD2 on the SD1/2 script
+
+
+def test_dataset_config_stays_strict_as_in_sd_scripts(network, tmp_path):
+    """sd-scripts validates --dataset_config with a schema that rejects unknown keys; so do we, while the
+    same key in --config_file is only named in the warning line."""
+    from library.data.config import load_dataset_config
+
+    dataset = config(tmp_path, '[general]\nepoch = 10\n[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n'
+                               '  image_dir = "img"\n', "dataset.toml")
+    args = parse_args(network, ["--config_file", config(tmp_path, "epoch = 10\n"), "--dataset_config", dataset])
+    with pytest.raises(UserError, match=r"dataset.toml: \[general\]: unknown key 'epoch'"):
+        load_dataset_config(args.dataset_config, args)
