@@ -56,8 +56,9 @@ def warnings_of(caplog, text):
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and text in r.getMessage()]
 
 
-def test_kohya_gui_lora_toml(tiny_checkpoint, data, tmp_path, caplog):
+def test_kohya_gui_lora_toml(tiny_checkpoint, data, tmp_path, caplog, capsys):
     import train_network
+    from tools import cache_latents
 
     out = tmp_path / "out"
     cfg = fill("kohya_gui_lora.toml", tmp_path, model=tiny_checkpoint("sd1"), data=data / "img", output=out)
@@ -73,6 +74,10 @@ def test_kohya_gui_lora_toml(tiny_checkpoint, data, tmp_path, caplog):
     # bucket_no_upscale: images within 128x128 pixels of area keep their size, floored to steps of 64
     buckets = {tuple(b["resolution"]) for b in json.loads(meta["ss_bucket_info"])["buckets"].values()}
     assert buckets == {(64, 64), (128, 64), (64, 128)}
+    # the same file on the latent cache tool finds every latent the run cached to disk
+    capsys.readouterr()
+    cache_latents.main(["--config_file", cfg])
+    assert "latents: 4 samples, 4 cached, 0 encoded" in capsys.readouterr().out
 
 
 def test_lycoris_sections_with_resume_false(tiny_checkpoint, data, tmp_path, caplog):

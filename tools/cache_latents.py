@@ -25,8 +25,6 @@ from library.training.trainer_options import add_trainer_options, report_ignored
 TRAINER_OPTIONS = ("config file (every other option of the trainers is accepted too, so a training command line or "
                    "config runs unchanged; those that do not change the cache are named in one line and ignored)")
 
-DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """Model flags shared by the cache tools (names as in sd-scripts)."""
@@ -76,20 +74,22 @@ def parse_tool_args(build, argv):
 
 
 def model_dtype(args, device):
-    """The models' dtype for --mixed_precision on `device`, as a training run resolves bf16 there."""
+    """The models' dtype for --mixed_precision on `device`, resolved as a training run resolves it
+    (`device_setup.resolve_precision`: fp16 needs CUDA, bf16 a CPU with bf16 kernels)."""
+    from library.models.device_setup import resolve_precision
+
+    return resolve_precision(argparse.Namespace(mixed_precision=args.mixed_precision), device).weight_dtype
+
+
+def vae_dtype(args, device, family=None):
+    """The VAE's dtype in the training run: float32 with --no_half_vae, and for SDXL under fp16 (its VAE
+    overflows in fp16), else the models' dtype."""
     import torch
 
-    if args.mixed_precision == "bf16":
-        from library.models.device_setup import bf16_or_float32
-
-        return bf16_or_float32(device, "--mixed_precision bf16", "encoding")
-    return getattr(torch, DTYPES[args.mixed_precision])
-
-
-def vae_dtype(args, device):
-    import torch
-
-    return torch.float32 if args.no_half_vae else model_dtype(args, device)
+    dtype = model_dtype(args, device)
+    if args.no_half_vae or (dtype == torch.float16 and family is not None and family.is_sdxl):
+        return torch.float32
+    return dtype
 
 
 def load_config(args, family):
@@ -121,7 +121,7 @@ def main(argv=None):
     family = detect_family(args)
     config = load_config(args, family)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = vae_dtype(args, device)
+    dtype = vae_dtype(args, device, family)
     vae = load_vae_for_caching(args.pretrained_model_name_or_path, family, args.vae, dtype)
     vae.to(device).eval()
 
