@@ -16,6 +16,7 @@ from typing import Dict, Iterable, List, Optional
 
 from library.errors import UserError
 from library.refused_options import refuse_set_options
+from library.training import config_file
 from library.training.optimizers import check_learning_rates
 
 SAVE_PRECISIONS = [None, "float", "fp16", "bf16"]
@@ -212,8 +213,6 @@ def parse_network_args(items) -> Dict[str, str]:
 
 def parse_args(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parse the CLI, then fill values from --config_file where the CLI did not set them."""
-    from library.training import config_file
-
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.output_config:
