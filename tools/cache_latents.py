@@ -78,7 +78,8 @@ def model_dtype(args, device):
     (`device_setup.resolve_precision`: fp16 needs CUDA, bf16 a CPU with bf16 kernels)."""
     from library.models.device_setup import resolve_precision
 
-    return resolve_precision(argparse.Namespace(mixed_precision=args.mixed_precision), device).weight_dtype
+    only = argparse.Namespace(mixed_precision=args.mixed_precision, full_fp16=False, full_bf16=False, fp8_base=False)
+    return resolve_precision(only, device).weight_dtype
 
 
 def vae_dtype(args, device, family=None):
