@@ -17,7 +17,7 @@ from library.cli import run  # noqa: E402
 
 
 def main(argv=None):
-    from library.training.ti_args import ti_parser
+    from library.training.script_parsers import ti_parser
     from library.training.train_args import parse_args
 
     args = parse_args(ti_parser(sdxl=False, description=__doc__), argv)

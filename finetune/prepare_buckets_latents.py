@@ -97,7 +97,7 @@ def main(argv=None):
 
     family = detect_model_family(args.model_name_or_path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    vae = load_vae_for_caching(args.model_name_or_path, family, args.vae, vae_dtype(args, device))
+    vae = load_vae_for_caching(args.model_name_or_path, family, args.vae, vae_dtype(args, device, family))
     vae.to(device).eval()
     samples = [LatentSample(path, plan, False, args.alpha_mask) for path, plan in zip(images, plans)]
     if args.flip_aug:

@@ -1,5 +1,6 @@
 """Shared test fixtures: tiny random models of every family, written once per test session."""
 
+import logging
 import os
 import sys
 
@@ -106,3 +107,19 @@ def build_external_sd1(folder: str, seed: int = 0) -> str:
 def external_sd1(tmp_path_factory):
     """Path of the tiny SD1 diffusers folder of `build_external_sd1`, made once per session."""
     return build_external_sd1(str(tmp_path_factory.mktemp("external") / "sd1"))
+
+
+@pytest.fixture
+def restore_logging():
+    """Undo what a test did to the root logger (level, handlers: --console_log_level/_file)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)

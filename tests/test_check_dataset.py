@@ -54,7 +54,7 @@ def broken_dir(tmp_path_factory):
     jpeg_path.write_bytes(jpeg_path.read_bytes()[:2000])
     (folder / "zero.png").write_bytes(b"")
     (folder / "readme.png").write_text("not a picture")
-    Image.new("RGB", (20, 20)).save(folder / "tiny.png")
+    os.symlink(str(folder / "deleted.png"), folder / "link.png")  # target gone
     small("chelsea", (300, 200)).save(folder / "latin.png")
     (folder / "latin.txt").write_bytes(b"\xe9t\xe9")
     return root
@@ -75,9 +75,9 @@ def test_json_report_schema_and_exit_code(broken_dir, tmp_path, capsys):
     assert image["path"].endswith("good.png") and image["bucket"] == [256, 256] and image["caption"] == "good"
     assert image["size"] == [256, 256] and image["repeats"] == 1 and image["caption_tokens"] == 1
     reasons = {os.path.basename(b["path"]): b["reason"] for b in report["bad_files"]}
-    assert set(reasons) == {"cut.jpg", "zero.png", "readme.png", "tiny.png", "latin.txt"}
+    assert set(reasons) == {"cut.jpg", "zero.png", "readme.png", "link.png", "latin.txt"}
     assert "truncated" in reasons["cut.jpg"] and "empty file" in reasons["zero.png"]
-    assert "not an image" in reasons["readme.png"] and "too small" in reasons["tiny.png"]
+    assert "not an image" in reasons["readme.png"] and reasons["link.png"].startswith("broken symbolic link")
     assert "not UTF-8" in reasons["latin.txt"]
     assert all(set(b) <= {"path", "reason", "image"} for b in report["bad_files"])
     text = capsys.readouterr().out

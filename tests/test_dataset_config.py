@@ -219,6 +219,24 @@ max_bucket_reso = 1000
     assert any("min_bucket_reso 300 rounded to 256" in w for w in cfg.warnings)
 
 
+def test_resolution_off_the_latent_grid_names_resolution_and_the_rule(tmp_path):
+    """--resolution 100: without bucketing the training size, so a multiple of 8 is required; with
+    bucketing only the buckets' area, which a warning spells out; min_bucket_reso above it is an error."""
+    subset = '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\n'
+    with pytest.raises(UserError) as caught:
+        load(tmp_path, subset, "--resolution", "100")
+    assert str(caught.value).endswith("cfg.toml: [[datasets]] #1: resolution 100,100 (--resolution): without "
+                                      "bucketing every image is trained at this size, so each side must be a multiple "
+                                      "of 8 (a latent is 1/8 of the image; 64 is usual), e.g. 128,128")
+    with pytest.raises(UserError, match=r"min_bucket_reso 256 \(--min_bucket_reso\) is larger than the resolution's "
+                                        r"smaller side 100"):
+        load(tmp_path, subset, "--resolution", "100", "--enable_bucket")
+    cfg = load(tmp_path, subset, "--resolution", "100", "--enable_bucket", "--min_bucket_reso", "64")
+    assert any("resolution 100,100 (--resolution) is not a multiple of bucket_reso_steps 64" in w
+               and "the square bucket is 64x64" in w for w in cfg.warnings)
+    assert load(tmp_path, subset, "--resolution", "768,512").datasets[0].resolution == (768, 512)
+
+
 def test_bucket_reso_steps_multiple_check(tmp_path):
     cfg = load(tmp_path, '[[datasets]]\nresolution = 512\nbucket_reso_steps = 32\n[[datasets.subsets]]\nimage_dir = "a"')
     check_bucket_reso_steps(cfg, 32)

@@ -86,6 +86,18 @@ def test_cache_tools_resolve_bf16_as_the_training_run_does(slow_bf16, monkeypatc
     assert vae_dtype(types.SimpleNamespace(mixed_precision="bf16", no_half_vae=True), CPU) == torch.float32
 
 
+def test_cache_tools_resolve_fp16_as_the_training_run_does():
+    """fp16 needs CUDA (the run trains in float32 elsewhere); SDXL's VAE stays float32 under fp16."""
+    from library.models.families import SD1, SDXL
+    from tools.cache_latents import model_dtype, vae_dtype
+
+    args = types.SimpleNamespace(mixed_precision="fp16", no_half_vae=False)
+    assert model_dtype(args, CPU) == vae_dtype(args, CPU, SD1) == torch.float32
+    cuda = torch.device("cuda")  # only resolved, never used
+    assert model_dtype(args, cuda) == vae_dtype(args, cuda, SD1) == torch.float16
+    assert vae_dtype(args, cuda, SDXL) == torch.float32
+
+
 def test_a_bf16_lora_run_without_bf16_kernels_is_the_float32_run(slow_bf16, tiny_checkpoint, photo_dir, tmp_path):
     """The same command still trains, at float32 speed, and writes the float32 run's file."""
     from library.models import safetensors_io

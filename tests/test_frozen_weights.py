@@ -174,7 +174,7 @@ def test_other_network_modules_on_an_fp16_file(module, half_and_full, photo_dir,
 def test_embedding_on_an_fp16_file_equals_float32_training(half_and_full, photo_dir, tmp_path):
     from library.training.task_embedding import EmbeddingTask
     from library.training.train_args import parse_args
-    from library.training.ti_args import ti_parser
+    from library.training.script_parsers import ti_parser
     from library.training.trainer import train
 
     half, full = half_and_full["sd1"]

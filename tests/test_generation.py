@@ -425,3 +425,27 @@ def test_gen_img_refuses_bad_input(tmp_path, tiny_checkpoint):
 
     with pytest.raises(UserError, match="needs SDXL"):
         sdxl_gen_img.main(["--ckpt", ckpt, "--prompt", "x", "--outdir", str(tmp_path)])
+
+
+
+def test_gen_img_diffusers_is_the_same_generator(tmp_path, tiny_checkpoint):
+    """sd-scripts' older name: the same options give the same image, and the script runs as one."""
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    import gen_img_diffusers
+
+    ckpt = tiny_checkpoint("sd1")
+    common = ["--ckpt", ckpt, "--prompt", "a red cat --n dog", "--W", "64", "--H", "64", "--steps", "2",
+              "--sampler", "euler_a", "--seed", "11", "--sequential_file_name"]
+    assert _gen_img(common + ["--outdir", str(tmp_path / "new")]) == 0
+    assert gen_img_diffusers.main(common + ["--outdir", str(tmp_path / "old")]) == 0
+    new = np.asarray(Image.open(tmp_path / "new" / "im_000001.png"))
+    old = np.asarray(Image.open(tmp_path / "old" / "im_000001.png"))
+    assert new.shape == (64, 64, 3) and np.array_equal(new, old)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, os.path.join(root, "gen_img_diffusers.py"), "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--ckpt" in done.stdout and "--network_weights" in done.stdout

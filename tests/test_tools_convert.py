@@ -99,3 +99,17 @@ def test_linear_projection_flag_and_reference_model(tmp_path, tiny_checkpoint):
     with pytest.raises(UserError, match="never downloaded"):
         convert(["--reference_model", "stabilityai/sd-2", sd2, str(tmp_path / "other")])
     assert not out.exists() and not (tmp_path / "other").exists()
+
+
+def test_show_metadata_takes_the_file_positional_or_as_model(tmp_path):
+    from library.models.safetensors_io import save_tensors
+
+    path = str(tmp_path / "lora.safetensors")
+    save_tensors({"w": torch.zeros(2)}, path, {"ss_network_dim": "4", "ss_tag_frequency": '{"a": {"cat": 2}}'})
+    for argv in ([path], ["--model", path]):
+        r = run_tool("tools/show_metadata.py", *argv)
+        assert r.returncode == 0, r.stderr
+        meta = json.loads(r.stdout)
+        assert meta["ss_network_dim"] == "4" and meta["ss_tag_frequency"] == {"a": {"cat": 2}}
+    r = run_tool("tools/show_metadata.py")
+    assert r.returncode == 2 and r.stderr.startswith("error: no file given") and r.stderr.count("\n") == 1

@@ -46,9 +46,10 @@ def test_config_file_without_extension(parser, tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("learning_rat = 1e-4\n", "unknown key 'learning_rat'; did you mean learning_rate"),
     ("max_train_steps = \"many\"\n", "max_train_steps = 'many' is not valid"),
-    ("gradient_checkpointing = 1\n", "must be true or false"),
+    ("gradient_checkpointing = 2\n", "is a flag: write true or false"),
+    ("max_train_steps = 2.5\n", "must be a whole number"),
+    ("resume = true\n", "takes a value, not true"),
     ("mixed_precision = \"fp8\"\n", "is not one of"),
     ("a = [\n", "not valid TOML"),
 ])
@@ -100,3 +101,23 @@ def test_hub_and_deepspeed_flags_parse_but_using_them_is_refused(parser, tmp_pat
         parse_args(parser, ["--huggingface_repo_id", "me/my-lora"])
     with pytest.raises(UserError, match="--resume_from_huggingface: states are not downloaded"):
         parse_args(parser, ["--resume_from_huggingface"])
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["--learning_rate", "-1"], "--learning_rate -1.0: a learning rate must be 0 or more"),
+    (["--unet_lr", "nan"], "--unet_lr nan: a learning rate must be 0 or more"),
+    (["--text_encoder_lr", "1e-4", "-0.5"], "--text_encoder_lr -0.5: a learning rate must be 0 or more"),
+])
+def test_negative_learning_rates_name_their_flag(parser, argv, line):
+    with pytest.raises(UserError) as caught:
+        parse_args(parser, argv)
+    assert str(caught.value).startswith(line) and "\n" not in str(caught.value)
+    assert parse_args(parser, ["--learning_rate", "0", "--text_encoder_lr", "0"]).learning_rate == 0.0
+
+
+def test_network_dim_below_one_names_the_flag(parser, tmp_path):
+    from library.training.task_network import NetworkTask
+
+    args = parse_args(parser, ["--network_dim", "0", "--output_dir", str(tmp_path)])
+    with pytest.raises(UserError, match=r"^--network_dim 0: the network's rank must be 1 or more"):
+        NetworkTask(sdxl=False).validate_args(args)

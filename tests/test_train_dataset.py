@@ -30,7 +30,7 @@ from library.data.train_dataset import (
     face_info_from_name,
 )
 
-BAD_NAMES = {"cut.jpg", "empty.png", "notes.png", "tiny.png", "bomb.png"}
+BAD_NAMES = {"cut.jpg", "empty.png", "notes.png", "link.png", "bomb.png"}
 
 
 # ---------------------------------------------------------------- fixtures
@@ -75,7 +75,7 @@ def make_mixed_folder(folder):
     (folder / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
     (folder / "empty.png").write_bytes(b"")
     (folder / "notes.png").write_text("these are my notes, not an image")
-    Image.new("RGB", (40, 40), (200, 10, 10)).save(folder / "tiny.png")
+    os.symlink("moved-away.png", folder / "link.png")  # a broken symbolic link
     write_bomb_png(folder / "bomb.png")
     # a good image whose caption file is not UTF-8, and one without any caption
     photo("astronaut").save(folder / "latin1.png")
@@ -148,7 +148,7 @@ def test_scan_reports_exactly_the_bad_files(mixed_dir):
     assert "truncated" in by_name["cut.jpg"]
     assert "empty file" in by_name["empty.png"]
     assert "not an image" in by_name["notes.png"]
-    assert "too small" in by_name["tiny.png"] and "40x40" in by_name["tiny.png"] and "128" in by_name["tiny.png"]
+    assert by_name["link.png"] == "broken symbolic link: its target moved-away.png does not exist"
     assert "decompression bomb" in by_name["bomb.png"]
     assert "not UTF-8" in by_name["latin1.txt"] and "0xe9" in by_name["latin1.txt"]
     latin = next(b for b in scan.bad_files if b.path.endswith("latin1.txt"))
@@ -205,18 +205,62 @@ def test_full_check_finds_damage_in_the_middle(tmp_path):
     assert [os.path.basename(b.path) for b in full.bad_files] == ["damaged.png"]
 
 
-def test_too_small_threshold_follows_bucket_mode(tmp_path):
+def test_small_images_are_upscaled_into_their_bucket_as_sd_scripts(tmp_path, caplog):
+    """sd-scripts' select_bucket cover-scales any image into the bucket of its aspect ratio (bucketing.md
+    §2.1): 448x172 -> bucket 768x320 (resized 833x320), 200x200 -> 512x512; one warning lists them."""
     folder = tmp_path / "img" / "1_x"
     folder.mkdir(parents=True)
-    Image.new("RGB", (100, 300)).save(folder / "narrow.png")
-    Image.new("RGB", (300, 300)).save(folder / "square.png")
-    base = ["--train_data_dir", str(tmp_path / "img"), "--resolution", "256"]
-    buckets = scan_from_args(parse(base + ["--enable_bucket", "--min_bucket_reso", "128"]))
-    assert [os.path.basename(b.path) for b in buckets.bad_files] == ["narrow.png"]
-    no_upscale = scan_from_args(parse(base + ["--enable_bucket", "--bucket_no_upscale"]))
-    assert no_upscale.bad_files == []  # only sides below bucket_reso_steps (64) are too small
-    no_buckets = scan_from_args(parse(base + ["--min_bucket_reso", "64"]))
-    assert no_buckets.bad_files == []
+    photo("coffee").resize((448, 172)).save(folder / "strip.png")
+    photo("astronaut").resize((200, 200)).save(folder / "square.png")
+    photo("chelsea", 1.0).resize((1024, 680)).save(folder / "big.png")
+    base = ["--train_data_dir", str(tmp_path / "img"), "--resolution", "512", "--caption_extension", ".txt"]
+    with caplog.at_level(logging.WARNING):
+        scan = scan_from_args(parse(base + ["--enable_bucket"]))
+    assert scan.bad_files == [] and scan.ok
+    got = {os.path.basename(i.path): (i.bucket, i.resized) for i in scan.datasets[0].train}
+    assert got["strip.png"] == ((768, 320), (833, 320))
+    assert got["square.png"] == ((512, 512), (512, 512))
+    warnings = [r.getMessage() for r in caplog.records if "smaller than their bucket" in r.getMessage()]
+    assert len(warnings) == 1 and "2 image(s)" in warnings[0]
+    assert "strip.png 448x172 -> 833x320" in warnings[0] and "square.png 200x200 -> 512x512" in warnings[0]
+    assert "big.png" not in warnings[0]
+    dataset = TrainDataset(scan, SD1, seed=0)
+    shapes = {}
+    for batch in dataset.epoch_batches(1):
+        out = dataset.load_batch(batch, 1, 0)
+        shapes.update({os.path.basename(p): tuple(im.shape) for p, im in zip(out["image_paths"], out["images"])})
+    assert shapes["strip.png"] == (3, 320, 768) and shapes["square.png"] == (3, 512, 512)
+
+    # without bucketing the one bucket is the resolution: small images are upscaled into it too
+    no_buckets = scan_from_args(parse(base))
+    assert no_buckets.bad_files == [] and {i.bucket for i in no_buckets.datasets[0].train} == {(512, 512)}
+
+
+def test_bucket_no_upscale_keeps_sizes_and_names_what_no_bucket_holds(tmp_path):
+    """--bucket_no_upscale (bucketing.md §2.2): small images keep their size, floored to the steps; a side
+    under --bucket_reso_steps leaves an empty bucket, a bad file naming the settings, never a crash."""
+    folder = tmp_path / "img" / "1_x"
+    folder.mkdir(parents=True)
+    photo("coffee").resize((448, 172)).save(folder / "strip.png")
+    photo("astronaut").resize((200, 200)).save(folder / "square.png")
+    photo("rocket").resize((40, 300)).save(folder / "needle.png")
+    base = ["--train_data_dir", str(tmp_path / "img"), "--enable_bucket", "--bucket_no_upscale", "--caption_extension",
+            ".txt"]
+    scan = scan_from_args(parse(base + ["--resolution", "512"]))
+    got = {os.path.basename(i.path): (i.bucket, i.resized) for i in scan.datasets[0].train}
+    assert got == {"strip.png": ((448, 128), (448, 172)), "square.png": ((192, 192), (200, 200))}
+    [bad] = scan.bad_files
+    assert os.path.basename(bad.path) == "needle.png"
+    assert bad.reason.startswith("no bucket can hold it: --bucket_no_upscale keeps its size 40x300, and a side under "
+                                  "--bucket_reso_steps 64 gives an empty bucket")
+
+    # a small resolution shrinks large images below one step: reported, not PIL's "height and width must be > 0"
+    small = scan_from_args(parse(base + ["--resolution", "64", "--min_bucket_reso", "64"]))
+    reasons = {os.path.basename(b.path): b.reason for b in small.bad_files}
+    assert set(reasons) == {"strip.png", "needle.png"}  # 448x172 shrinks to a 4096-pixel strip under 64 high
+    assert reasons["strip.png"].startswith("no bucket can hold it: --bucket_no_upscale shrinks 448x172 to the area "
+                                           "of --resolution 64,64, leaving a side under --bucket_reso_steps 64")
+    assert [(os.path.basename(i.path), i.bucket) for i in small.datasets[0].train] == [("square.png", (64, 64))]
 
 
 def test_conditioning_image_problems(tmp_path):

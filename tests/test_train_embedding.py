@@ -37,7 +37,7 @@ def ti_args(model, data, out, *extra, sdxl=False):
 
 
 def parse(args, sdxl=False):
-    from library.training.ti_args import ti_parser
+    from library.training.script_parsers import ti_parser
     from library.training.train_args import parse_args
 
     return parse_args(ti_parser(sdxl=sdxl, description=""), args)
@@ -283,7 +283,7 @@ def test_script_rejects_bad_flags(tmp_path):
 
 
 def test_parser_stays_torch_free():
-    code = ("import sys; from library.training.ti_args import ti_parser; p = ti_parser(True, ''); "
+    code = ("import sys; from library.training.script_parsers import ti_parser; p = ti_parser(True, ''); "
             "a = p.parse_args(['--token_string', 'x', '--weights', 'w.pt']); "
             "assert a.num_vectors_per_token == 1 and a.save_model_as == 'pt' and not a.use_style_template; "
             "assert 'torch' not in sys.modules, 'torch imported'")

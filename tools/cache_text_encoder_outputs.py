@@ -3,9 +3,10 @@
     python tools/cache_text_encoder_outputs.py --pretrained_model_name_or_path MODEL --train_data_dir DIR \
         --resolution 1024 [--max_token_length 225] [--clip_skip 2] [--weighted_captions] [--cache_dir DIR]
 
-Use the training run's model, precision, caption and tokenizer flags: entries are keyed on the
-processed caption text, chunk count, clip_skip, weighted-caption mode and the encoders' identity,
-so the run then finds every entry. Works for SD1.x, SD2.x and SDXL (sd-scripts: SDXL only).
+Pass the training run's own command line or --config_file (every trainer option is accepted; those
+that do not change the cache are named in one line and ignored): entries are keyed on the processed
+caption text, chunk count, clip_skip, weighted-caption mode and the encoders' identity, so the run
+then finds every entry. Works for SD1.x, SD2.x and SDXL (sd-scripts: SDXL only).
 Refused when captions change between steps (shuffle, dropout, token warm-up, wildcards).
 """
 
@@ -16,12 +17,15 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from library.cli import run  # noqa: E402
-from library.data.flags import add_config_arguments, add_dataset_arguments  # noqa: E402
 from library.caching.settings import add_cache_arguments  # noqa: E402
-from tools.cache_latents import add_model_flags, detect_family, load_config, model_dtype  # noqa: E402
+from library.training.trainer_options import add_trainer_options  # noqa: E402
+from tools.cache_latents import (  # noqa: E402
+    TRAINER_OPTIONS, add_dataset_flags, add_model_flags, detect_family, load_config, model_dtype, parse_tool_args,
+)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser():
+    """(parser, the trainer options it accepts but ignores)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p)
     g = p.add_argument_group("text encoding")
@@ -33,14 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weighted_captions", action="store_true", help="captions carry (word:1.2) weights")
     g.add_argument("--text_encoder_batch_size", type=int, default=None,
                    help="captions per text-encoder call (default: --vae_batch_size, at least 8)")
-    add_dataset_arguments(p, support_dreambooth=True, support_caption=True, support_caption_dropout=True)
-    add_config_arguments(p)
+    add_dataset_flags(p)
     add_cache_arguments(p, support_text_encoder_caching=True, trainer=False)
-    return p
+    return p, add_trainer_options(p, TRAINER_OPTIONS)
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = parse_tool_args(build_parser, argv)
     import torch
 
     from library.caching.settings import disk_location
@@ -68,7 +71,7 @@ def main(argv=None):
     tokenizers = load_tokenizers(family, args.pretrained_model_name_or_path, args.tokenizer_cache_dir)
     conditioner = TextConditioner(family, tokenizers, encoders)
 
-    items = collect_cache_items(config, num_workers=max(1, min(4, os.cpu_count() or 1)))
+    items = collect_cache_items(config, num_workers=max(1, min(4, os.cpu_count() or 1)), skip_bad=args.skip_bad_images)
     samples = [TextSample(fixed_caption(item.caption, item.subset), item.path) for item in items]
     batch = args.text_encoder_batch_size or max(8, args.vae_batch_size or 1)
     cache = TextEncoderOutputCache(conditioner, disk_location(args.cache_dir), batch, max_token_length=args.max_token_length,

@@ -9,6 +9,7 @@ the VAE's tensors of a checkpoint. Model and image modules are imported when use
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
@@ -16,6 +17,8 @@ from typing import Any, Iterable, Optional, Sequence
 from library.data.bucketing import BucketAssigner, BucketSettings, CropPlan
 from library.errors import UserError
 from library.caching.latent_cache import LatentSample, with_flips
+
+logger = logging.getLogger(__name__)
 
 _SHOWN = 5  # unusable images named individually in an error
 
@@ -48,38 +51,52 @@ def bucket_settings(dataset) -> BucketSettings:
     )
 
 
-def image_sizes(paths: Sequence[str], num_workers: int = 2) -> list:
-    """(w, h) of each file from its header; one UserError lists the unusable files."""
+def image_sizes(paths: Sequence[str], num_workers: int = 2, skip_bad: bool = False) -> list:
+    """(w, h) of each file from its header; one UserError lists the unusable files (with skip_bad:
+    one warning, and None for each of them)."""
     from library.data.image_files import scan_images
 
     infos = scan_images(paths, num_workers=num_workers)
-    bad = [f"{i.path}: {i.reason}" for i in infos if not i.ok]
-    if bad:
-        more = f"; and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
-        raise UserError(f"{len(bad)} unusable image(s): {'; '.join(bad[:_SHOWN])}{more}")
-    return [i.size for i in infos]
+    _bad_files([f"{i.path}: {i.reason}" for i in infos if not i.ok], skip_bad)
+    return [i.size if i.ok else None for i in infos]
 
 
-def plan_centre_crops(paths: Sequence[str], sizes: Sequence[tuple], settings: BucketSettings) -> list:
-    """CropPlans with centre crops, as training without random_crop makes them."""
+def _bad_files(bad: list, skip_bad: bool) -> None:
+    if not bad:
+        return
+    more = f"; and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
+    listing = f"{len(bad)} unusable image(s): {'; '.join(bad[:_SHOWN])}{more}"
+    if not skip_bad:
+        raise UserError(listing + "; fix or remove them, or pass --skip_bad_images")
+    logger.warning(f"--skip_bad_images: leaving out {listing}")
+
+
+def plan_centre_crops(paths: Sequence[str], sizes: Sequence[tuple], settings: BucketSettings,
+                      skip_bad: bool = False) -> list:
+    """CropPlans with centre crops, as training without random_crop makes them (None for an image no
+    bucket can hold, with skip_bad; else that is a UserError)."""
     assigner = BucketAssigner(settings)
     assignments = assigner.assign([s[0] for s in sizes], [s[1] for s in sizes])
-    plans = []
+    plans, bad = [], []
     for i, (path, size) in enumerate(zip(paths, sizes)):
-        if not assignments.valid[i]:
-            assigner.select(size[0], size[1], path)  # raises the UserError that explains it
         a = assignments[i]
+        if not assignments.valid[i]:
+            bad.append(f"{path}: {assigner.unbucketable_reason(size[0], size[1], a.resized)}")
+            plans.append(None)
+            continue
         left = (a.resized[0] - a.bucket[0]) // 2
         top = (a.resized[1] - a.bucket[1]) // 2
         plans.append(CropPlan(tuple(size), a.resized, a.bucket, left, top))
+    _bad_files(bad, skip_bad)
     return plans
 
 
-def collect_cache_items(config, num_workers: int = 2) -> list:
+def collect_cache_items(config, num_workers: int = 2, skip_bad: bool = False) -> list:
     """Every image of every dataset (training and validation) with its crop plan, in config order.
 
     Images listed twice (repeats, several subsets) appear once per dataset/subset pair; sizes come
-    from metadata when known, else from the file header.
+    from metadata when known, else from the file header. Unusable images are an error, or with
+    skip_bad (--skip_bad_images, as the training run) left out with one warning.
     """
     from library.data.sources import collect_entries
 
@@ -88,13 +105,14 @@ def collect_cache_items(config, num_workers: int = 2) -> list:
         settings = bucket_settings(dataset)
         entries = sources.train + sources.validation
         unknown = [e.path for e in entries if e.image_size is None]
-        probed = dict(zip(unknown, image_sizes(unknown, num_workers))) if unknown else {}
+        probed = dict(zip(unknown, image_sizes(unknown, num_workers, skip_bad))) if unknown else {}
+        entries = [e for e in entries if e.image_size or probed[e.path]]
         sizes = [e.image_size or probed[e.path] for e in entries]
-        plans = plan_centre_crops([e.path for e in entries], sizes, settings)
+        plans = plan_centre_crops([e.path for e in entries], sizes, settings, skip_bad)
         seen = set()
         for entry, plan in zip(entries, plans):
             identity = (entry.path, entry.subset_index)
-            if identity in seen:
+            if plan is None or identity in seen:
                 continue
             seen.add(identity)
             items.append(CacheItem(entry.path, plan, entry.caption, dataset.subsets[entry.subset_index], d))

@@ -219,7 +219,7 @@ class BucketAssigner:
         """One image; raises UserError when no bucket can hold it (no-upscale, side < steps)."""
         result = self.assign([width], [height])
         if not result.valid[0]:
-            raise UserError(self._too_small_message(name, width, height))
+            raise UserError(f"{name}: {self.unbucketable_reason(width, height, result[0].resized)}")
         return result[0]
 
     def assign(self, widths: Sequence[int], heights: Sequence[int]) -> Assignments:
@@ -234,12 +234,17 @@ class BucketAssigner:
             return self._assign_no_upscale(w, h)
         return self._assign_predefined(w, h)
 
-    def _too_small_message(self, name: str, width: int, height: int) -> str:
+    def unbucketable_reason(self, width: int, height: int, resized: Size) -> str:
+        """Why --bucket_no_upscale finds no bucket for a width x height image (resized: its assignment's)."""
         steps = self.settings.bucket_reso_steps
-        return (
-            f"{name}: {width}x{height} is smaller than --bucket_reso_steps {steps} on one side, so "
-            f"--bucket_no_upscale gives it an empty bucket; remove the image or lower --bucket_reso_steps"
-        )
+        if tuple(resized) == (width, height):
+            why = f"--bucket_no_upscale keeps its size {width}x{height}, and a side under --bucket_reso_steps {steps}"
+        else:
+            rw, rh = self.settings.resolution
+            why = (f"--bucket_no_upscale shrinks {width}x{height} to the area of --resolution {rw},{rh}, leaving a side "
+                   f"under --bucket_reso_steps {steps}")
+        return (f"no bucket can hold it: {why} gives an empty bucket; raise --resolution, lower "
+                f"--bucket_reso_steps or drop --bucket_no_upscale")
 
     def _nearest_bucket(self, w: np.ndarray, h: np.ndarray) -> np.ndarray:
         """Index of the exact-size bucket if any, else of the least |bucket AR - image AR| (first on ties)."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -350,8 +351,27 @@ class _Resolver:
         if params.resolution is None and params.kind != FINETUNE:
             where = "[[datasets]] or [general], " if self.source else ""
             raise self.error(label, f"no resolution set; add resolution = 512 (or [W, H]) to {where}or pass --resolution")
+        if params.resolution is not None:
+            self.check_resolution(params, label, layers)
         if params.enable_bucket:
             self.round_bucket_limits(params, label, layers)
+
+    def check_resolution(self, params: DatasetParams, label: str, layers: list[Layer]) -> None:
+        """Without bucketing every sample has the resolution's size: it must map to whole latents (1/8).
+        With bucketing it only sets the buckets' largest area; a side off the steps is worth a word."""
+        w, h = params.resolution
+        origin = _origin("resolution", layers)
+        if not params.enable_bucket and (w % 8 or h % 8):
+            hint = ",".join(str(max(64, round(side / 64) * 64)) for side in (w, h))
+            raise self.error(label, f"resolution {w},{h} ({origin}): without bucketing every image is trained at this "
+                                    f"size, so each side must be a multiple of 8 (a latent is 1/8 of the image; 64 is "
+                                    f"usual), e.g. {hint}")
+        steps = params.bucket_reso_steps
+        if params.enable_bucket and (w % steps or h % steps):
+            side = int(math.sqrt(w * h) // steps) * steps
+            self.warnings.append(f"{label}: resolution {w},{h} ({origin}) is not a multiple of bucket_reso_steps "
+                                 f"{steps}: it only sets the buckets' largest area ({w * h} pixels), so the square "
+                                 f"bucket is {side}x{side}")
 
     def round_bucket_limits(self, params: DatasetParams, label: str, layers: list[Layer]) -> None:
         steps = params.bucket_reso_steps

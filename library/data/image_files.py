@@ -152,6 +152,8 @@ def _open_image(path, max_pixels: int) -> Iterator[_Opened]:
     try:
         f = open(path, "rb")
     except FileNotFoundError:
+        if os.path.islink(path):
+            raise _BadImage(f"broken symbolic link: its target {os.readlink(path)} does not exist") from None
         raise _BadImage("file not found") from None
     except IsADirectoryError:
         raise _BadImage("is a directory, not a file") from None

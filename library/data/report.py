@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from library.data.scan import SKIP_FLAG, smallest_bucket_side
+from library.data.scan import SKIP_FLAG
 from library.data.schema import CONTROLNET, DREAMBOOTH, FINETUNE
 from library.errors import UserError
 
@@ -87,8 +87,9 @@ def _dataset_report(dataset: ScannedDataset) -> dict:
             "max_bucket_reso": settings.max_bucket_reso,
             "bucket_reso_steps": settings.bucket_reso_steps,
         }
-    if settings is not None:
-        report["smallest_side"] = smallest_bucket_side(settings)
+    images = dataset.train + dataset.validation
+    report["upscaled_images"] = len({image.path for image in images
+                                     if image.resized[0] > image.size[0] or image.resized[1] > image.size[1]})
     return report
 
 

@@ -4,11 +4,13 @@
 once (`image_files`; optionally decodes every file), assigns buckets per dataset (`bucketing`) and
 gathers every problem into one `DatasetScan`:
 
-* bad files, each with a reason: unreadable / corrupt / truncated / empty images, non-images with an
-  image extension, decompression bombs, images too small for the smallest bucket, caption files that
-  are not UTF-8, metadata keys without an image, broken or mismatched conditioning images;
+* bad files, each with a reason: unreadable / corrupt / truncated / empty images, broken symbolic
+  links, non-images with an image extension, decompression bombs, images no bucket can hold
+  (`--bucket_no_upscale` with a side under `--bucket_reso_steps`), caption files that are not UTF-8,
+  metadata keys without an image, broken or mismatched conditioning images;
 * errors that no skipping can fix (a missing folder, a dataset left without images);
-* notes: images without a caption (class tokens or "" are used), empty caption files, and so on.
+* notes: images without a caption (class tokens or "" are used), empty caption files, images smaller
+  than their bucket (upscaled into it, as sd-scripts does; also logged as one warning), and so on.
 
 `DatasetScan.raise_for_problems()` stops the run with one message listing the bad files, unless the
 user passed `--skip_bad_images`; then the bad files are left out with one warning. The scan also
@@ -155,20 +157,6 @@ def _listing(bad_files: Sequence[BadFile]) -> str:
 def bucket_steps_multiple(family) -> int:
     """What bucket_reso_steps must divide into for a family (sd-scripts: 32 for SDXL, 64 for SD1/2)."""
     return 32 if family is not None and family.is_sdxl else 64
-
-
-def smallest_bucket_side(settings: "bucketing.BucketSettings") -> int:
-    """Images with a side shorter than this are reported as too small.
-
-    Buckets: min_bucket_reso (no bucket side is shorter). --bucket_no_upscale: bucket_reso_steps (the
-    image would get an empty bucket). No bucketing: min_bucket_reso, capped by the resolution's
-    shorter side.
-    """
-    if settings.enable_bucket and settings.bucket_no_upscale:
-        return settings.bucket_reso_steps
-    if settings.enable_bucket:
-        return settings.min_bucket_reso
-    return min(settings.min_bucket_reso, min(settings.resolution))
 
 
 def scan_dataset(
@@ -348,16 +336,18 @@ def _scan_one(
         errors.append(f"{label}: no resolution set; add resolution = 512 (or [W, H]) to the dataset or pass --resolution")
         return ScannedDataset(sources.dataset_index, params, None, sources)
     settings = _bucket_settings(params)
-    min_side = smallest_bucket_side(settings)
     result = ScannedDataset(sources.dataset_index, params, settings, sources)
     mismatched: list[str] = []
+    from library.data.bucketing import BucketAssigner
+
+    assigner = BucketAssigner(settings)
 
     def usable(entries: list[ImageEntry]) -> list[tuple]:
         kept = []
         for entry in entries:
             if entry.path in dropped:
                 continue
-            problem = _image_problem(entry, status, min_side)
+            problem = _image_problem(entry, status)
             if problem is not None:
                 bad.append(problem)
                 continue
@@ -365,17 +355,15 @@ def _scan_one(
             if entry.image_size is not None and tuple(entry.image_size) != tuple(size):
                 mismatched.append(f"{entry.path} ({entry.image_size[0]}x{entry.image_size[1]} stored, {size[0]}x{size[1]} read)")
             kept.append((entry, size))
-        return kept
+        return _bucketable(assigner, kept, bad)
 
     train = usable(sources.train)
     validation = usable(sources.validation)
     if len(train) < len(sources.train):
         train = _rebalance_reg(train, params)
-    from library.data.bucketing import BucketAssigner
-
-    assigner = BucketAssigner(settings)
     result.train = _assign(assigner, train)
     result.validation = _assign(assigner, validation)
+    _note_upscaled(label, result.train + result.validation, notes)
 
     if mismatched:
         notes.append(f"{label}: {len(mismatched)} image(s) differ from the size stored in metadata; the real size is "
@@ -388,15 +376,12 @@ def _scan_one(
     return result
 
 
-def _image_problem(entry: ImageEntry, status: dict[str, _FileStatus], min_side: int) -> Optional[BadFile]:
+def _image_problem(entry: ImageEntry, status: dict[str, _FileStatus]) -> Optional[BadFile]:
     """The bad file (the image, or its conditioning image) that keeps this image out of training."""
     image = status[entry.path]
     if image.reason is not None:
         return BadFile(entry.path, image.reason, entry.path)
     w, h = image.size
-    if w < min_side or h < min_side:
-        return BadFile(entry.path, f"too small: {w}x{h} has a side shorter than {min_side}, the smallest bucket side",
-                       entry.path)
     if entry.conditioning_path:
         cond = status[entry.conditioning_path]
         if cond.reason is not None:
@@ -406,6 +391,43 @@ def _image_problem(entry: ImageEntry, status: dict[str, _FileStatus], min_side: 
                       f"{w}x{h}; they must be the same size")
             return BadFile(entry.conditioning_path, reason, entry.path)
     return None
+
+
+def _bucketable(assigner: "bucketing.BucketAssigner", items: list[tuple], bad: list) -> list[tuple]:
+    """The images some bucket can hold; the others become bad files naming the settings.
+
+    Only --bucket_no_upscale can leave an image without a bucket: its buckets are the image's own
+    size (shrunk to the resolution's area when larger) floored to --bucket_reso_steps, so a side
+    under one step leaves an empty bucket. Every other mode cover-scales the image into a bucket."""
+    if not items:
+        return items
+    assignments = assigner.assign([size[0] for _, size in items], [size[1] for _, size in items])
+    valid = assignments.valid
+    if valid.all():
+        return items
+    kept = []
+    for i, (entry, size) in enumerate(items):
+        if valid[i]:
+            kept.append((entry, size))
+            continue
+        reason = assigner.unbucketable_reason(size[0], size[1], assignments[i].resized)
+        bad.append(BadFile(entry.path, reason, entry.path))
+    return kept
+
+
+def _note_upscaled(label: str, images: list[ScannedImage], notes: list) -> None:
+    """One warning (and report note) listing the images enlarged into their bucket."""
+    upscaled = list({image.path: image for image in images
+                     if image.resized[0] > image.size[0] or image.resized[1] > image.size[1]}.values())
+    if not upscaled:
+        return
+    shown = ", ".join(f"{os.path.basename(image.path)} {image.size[0]}x{image.size[1]} -> "
+                      f"{image.resized[0]}x{image.resized[1]}" for image in upscaled[:_LISTED])
+    more = f" and {len(upscaled) - _LISTED} more" if len(upscaled) > _LISTED else ""
+    note = (f"{label}: {len(upscaled)} image(s) smaller than their bucket are upscaled into it, as sd-scripts does "
+            f"(--bucket_no_upscale keeps small images at their size): {shown}{more}")
+    logger.warning(note)
+    notes.append(note)
 
 
 def _rebalance_reg(train: list[tuple], params: DatasetParams) -> list[tuple]:

@@ -275,11 +275,16 @@ def balance_reg_entries(reg_entries: list[ImageEntry], num_train_images: int) ->
 
 
 def list_images(directory: str) -> list[str]:
-    """Image files directly in `directory` (not recursive, hidden files skipped), sorted."""
+    """Image files directly in `directory` (not recursive, hidden files skipped), sorted.
+
+    A symbolic link with an image extension whose target is gone is listed too, so the scan reports
+    it as a bad file instead of the image silently missing from training."""
     paths = []
     with os.scandir(directory) as it:
         for entry in it:
-            if entry.name.startswith(".") or not entry.is_file():
+            if entry.name.startswith("."):
+                continue
+            if not entry.is_file() and not (entry.is_symlink() and not os.path.exists(entry.path)):
                 continue
             if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
                 paths.append(os.path.join(directory, entry.name))

@@ -96,6 +96,20 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser) -> argparse._Argume
     return g
 
 
+# Learning-rate flags of the trainers (those a script lacks are skipped); 0 is meaningful (frozen part).
+LEARNING_RATE_FLAGS = ("learning_rate", "unet_lr", "text_encoder_lr", "learning_rate_te", "learning_rate_te1",
+                       "learning_rate_te2")
+
+
+def check_learning_rates(args: argparse.Namespace) -> None:
+    """A negative (or NaN) learning rate is a one-line error naming its flag, before any work."""
+    for name in LEARNING_RATE_FLAGS:
+        value = getattr(args, name, None)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None and not v >= 0:
+                raise UserError(f"--{name} {v}: a learning rate must be 0 or more (e.g. 1e-4)")
+
+
 def parse_kv_args(items: Any, flag: str) -> dict:
     """`["k=v", ...]` → `{k: ast.literal_eval(v)}`; a value that is not a Python literal is an error (never eval'd)."""
     import ast

@@ -6,10 +6,12 @@ Imports nothing heavy: `train_network.py --help` builds its parser from here wit
 from __future__ import annotations
 
 import argparse
+import functools
+from typing import Callable, Dict, List
 
 from library.caching import settings as cache_settings
 from library.data import check as dataset_check, flags as dataset_flags
-from library.training import ema, lr_schedulers, optimizers, train_args, train_math
+from library.training import ema, lr_schedulers, optimizers, ti_args, train_args, train_math
 
 FULL_MODEL_FORMATS = [None, "ckpt", "safetensors", "diffusers", "diffusers_safetensors"]
 
@@ -32,6 +34,8 @@ def _base_parser(description: str, sdxl: bool, support_dreambooth: bool = True,
     if sdxl:
         train_args.add_sdxl_arguments(parser)
     ema.add_ema_arguments(parser)
+    # --config_file names the script that has a key this one lacks (train_args.parse_args)
+    parser.option_scripts = option_scripts
     return parser
 
 
@@ -100,3 +104,40 @@ def sdxl_train_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--fused_optimizer_groups", type=int, default=None,
                    help="step the optimizer per parameter during the backward pass (any per-parameter optimizer)")
     return parser
+
+
+def ti_parser(sdxl: bool, description: str) -> argparse.ArgumentParser:
+    parser = _base_parser(description, sdxl)
+    ti_args.add_textual_inversion_arguments(parser)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# every trainer's options, by script
+
+
+TRAINER_SCRIPTS: Dict[str, Callable[[], argparse.ArgumentParser]] = {
+    "train_network.py": lambda: network_parser(False, ""),
+    "sdxl_train_network.py": lambda: network_parser(True, ""),
+    "train_db.py": lambda: db_parser(""),
+    "fine_tune.py": lambda: fine_tune_parser(""),
+    "sdxl_train.py": lambda: sdxl_train_parser(""),
+    "train_textual_inversion.py": lambda: ti_parser(False, ""),
+    "sdxl_train_textual_inversion.py": lambda: ti_parser(True, ""),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def trainer_parsers() -> Dict[str, argparse.ArgumentParser]:
+    return {name: build() for name, build in TRAINER_SCRIPTS.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def option_scripts() -> Dict[str, List[str]]:
+    """{option dest: the trainer scripts that have it}."""
+    found: Dict[str, List[str]] = {}
+    for name, parser in trainer_parsers().items():
+        for action in parser._actions:
+            if action.dest != "help":
+                found.setdefault(action.dest, []).append(name)
+    return found

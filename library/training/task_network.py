@@ -73,6 +73,8 @@ class NetworkTask(Task):
 
     def validate_args(self, args) -> None:
         self._save_as = args.save_model_as
+        if args.network_dim is not None and args.network_dim < 1:
+            raise UserError(f"--network_dim {args.network_dim}: the network's rank must be 1 or more (e.g. 4, 8 or 16)")
         if args.network_train_unet_only and args.network_train_text_encoder_only:
             raise UserError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
         if args.dim_from_weights and not args.network_weights:

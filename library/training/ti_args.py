@@ -1,14 +1,12 @@
 """Command-line flags of the Textual Inversion trainers (train_textual_inversion.py, sdxl_...).
 
-Torch-free, like the other parsers: `--help` answers without loading torch. The shared groups come
-from `script_parsers._base_parser`; this adds sd-scripts' own TI flags with their names and defaults.
+Torch-free, like the other parsers: `--help` answers without loading torch. `script_parsers.ti_parser`
+composes the shared groups with these, sd-scripts' own TI flags with their names and defaults.
 """
 
 from __future__ import annotations
 
 import argparse
-
-from library.training import script_parsers
 
 SAVE_FORMATS = [None, "ckpt", "pt", "safetensors"]
 
@@ -30,8 +28,3 @@ def add_textual_inversion_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--use_style_template", action="store_true",
                    help="ignore captions; use 'a painting in the style of {}'-style templates")
 
-
-def ti_parser(sdxl: bool, description: str) -> argparse.ArgumentParser:
-    parser = script_parsers._base_parser(description, sdxl)
-    add_textual_inversion_arguments(parser)
-    return parser

@@ -4,22 +4,21 @@ Only argparse and the standard library are imported here, so `--help` answers at
 owned by other modules (dataset, optimizer, noise/loss) are added through their own
 `add_*_arguments` functions.
 
-`--config_file` follows sd-scripts (TOML flattened one level; CLI > TOML > defaults) but checks
-what it reads: an unknown key is an error with a suggestion, and values go through the flag's own
-type conversion, so `resolution = 512` works and `learning_rate = "abc"` is an error naming the key.
+`parse_args` reads the command line, then `--config_file` (`library/training/config_file.py`: sd-scripts'
+flat TOML with types kept; CLI > TOML > defaults; keys naming no option warned about in one line).
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
-import os
 import sys
 from typing import Dict, Iterable, List, Optional
 
 from library.cli import apply_console_log_flags
 from library.errors import UserError
 from library.refused_options import refuse_set_options
+from library.training import config_file
+from library.training.optimizers import check_learning_rates
 
 SAVE_PRECISIONS = [None, "float", "fp16", "bf16"]
 
@@ -35,7 +34,12 @@ def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_model_arguments(parser: argparse.ArgumentParser, sdxl: bool = False) -> None:
     g = parser.add_argument_group("model")
-    if not sdxl:
+    if sdxl:
+        # sd-scripts' SDXL scripts have --v2 and refuse it when set (train_args.refuse_sdxl_v2)
+        action = g.add_argument("--v2", action="store_true",
+                                help="not for SDXL: accepted so shared configs parse, refused when set")
+        action.sdxl = True
+    else:
         g.add_argument("--v2", action="store_true",
                        help="the model is SD2.x (detected from the weights anyway; a contradiction is an error)")
     g.add_argument("--v_parameterization", action="store_true",
@@ -164,6 +168,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, support_dreambooth: 
     g = parser.add_argument_group("config file")
     g.add_argument("--config_file", type=str, default=None, help="TOML file of arguments (CLI values take precedence)")
     g.add_argument("--output_config", action="store_true", help="write the arguments to --config_file and exit")
+    g.add_argument("--config_strict", action="store_true",
+                   help="make keys of --config_file that name no option of this script an error (default: one warning)")
     if support_dreambooth:
         parser.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularization images")
 
@@ -218,75 +224,7 @@ def parse_network_args(items) -> Dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# --config_file
-
-
-def _flatten(data: dict, path: str) -> dict:
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            for k, v in value.items():
-                flat[k] = v
-        else:
-            flat[key] = value
-    return flat
-
-
-def _actions_by_dest(parser: argparse.ArgumentParser) -> dict:
-    return {a.dest: a for a in parser._actions if a.dest != "help"}
-
-
-def _convert(action: argparse.Action, key: str, value, path: str):
-    """Give a TOML value the type the flag would give a command-line string."""
-    if value is None:
-        return None
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-        if not isinstance(value, bool):
-            raise UserError(f"{path}: {key} must be true or false, not {value!r}")
-        return value
-    convert = action.type or (lambda x: x)
-
-    def one(v):
-        try:
-            out = convert(v if isinstance(v, str) else str(v)) if action.type is not None else v
-        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
-            raise UserError(f"{path}: {key} = {v!r} is not valid ({e})") from None
-        if action.choices is not None and out not in action.choices:
-            raise UserError(f"{path}: {key} = {v!r} is not one of {[c for c in action.choices if c is not None]}")
-        return out
-
-    if action.nargs in ("*", "+") or (isinstance(action.nargs, int) and action.nargs > 1):
-        values = value if isinstance(value, list) else [value]
-        return [one(v) for v in values]
-    if isinstance(value, list):
-        raise UserError(f"{path}: {key} takes one value, not a list")
-    if action.type is None and not isinstance(value, str) and action.choices is None:
-        return str(value) if not isinstance(value, (int, float)) else value
-    return one(value)
-
-
-def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
-    import tomllib
-
-    if not path.endswith(".toml"):
-        path = path + ".toml"
-    if not os.path.isfile(path):
-        raise UserError(f"--config_file {path}: no such file")
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{path}: not valid TOML ({e})") from None
-    flat = _flatten(data, path)
-    actions = _actions_by_dest(parser)
-    values = {}
-    for key, value in flat.items():
-        if key not in actions:
-            close = difflib.get_close_matches(key, actions.keys(), n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            raise UserError(f"{path}: unknown key {key!r}{hint}")
-        values[key] = _convert(actions[key], key, value, path)
-    return values
+# parsing: the command line, then --config_file (library/training/config_file.py)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -294,16 +232,23 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.output_config:
-        write_config(parser, args)
+        print(f"wrote {config_file.write_config(parser, args)}")
         sys.exit(0)
     if args.config_file:
-        from_file = read_config_file(args.config_file, parser)
+        path = config_file.config_path(args.config_file)
+        from_file, unknown = config_file.read_config_file(path, parser)
         explicit = _explicit_dests(parser, argv)
         for key, value in from_file.items():
             if key not in explicit:  # CLI > TOML
-                setattr(args, key, value)
+                setattr(args, key, parser.get_default(key) if value is config_file.NOT_SET else value)
+        apply_console_log_flags(args)  # the lines below go where the user asked
+        config_file.report_unknown_keys(path, unknown, parser, bool(getattr(args, "config_strict", False)),
+                                        getattr(parser, "option_scripts", None))
     refuse_set_options(args, parser)
-    apply_console_log_flags(args)
+    refuse_sdxl_v2(args, parser)
+    check_learning_rates(args)
+    if not args.config_file:
+        apply_console_log_flags(args)
     _check_log_tracker_config(args)
     if getattr(args, "cache_latents_on_first_use", False) and not args.cache_latents_to_disk:
         args.cache_latents = True  # it only changes when the cache is filled
@@ -316,6 +261,14 @@ def _check_log_tracker_config(args: argparse.Namespace) -> None:
         from library.training.train_logging import tracker_init_kwargs
 
         tracker_init_kwargs(args.log_tracker_config)
+
+
+def refuse_sdxl_v2(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """`--v2` on an SDXL script: accepted so shared configs parse (`v2 = false`), refused when set, as sd-scripts."""
+    action = parser._option_string_actions.get("--v2")
+    if getattr(action, "sdxl", False) and getattr(args, "v2", False):
+        raise UserError("--v2: SDXL is not SD 2.x; v2 cannot be enabled for SDXL scripts (as in sd-scripts); "
+                        "remove --v2 (or v2 = true from the config file)")
 
 
 def _explicit_dests(parser: argparse.ArgumentParser, argv: Iterable[str]) -> set:
@@ -331,20 +284,3 @@ def _explicit_dests(parser: argparse.ArgumentParser, argv: Iterable[str]) -> set
             if opt in by_option:
                 dests.add(by_option[opt])
     return dests
-
-
-def write_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """--output_config: every argument that differs from its default, as flat TOML."""
-    import toml
-
-    if not args.config_file:
-        raise UserError("--output_config needs --config_file PATH to write to")
-    path = args.config_file if args.config_file.endswith(".toml") else args.config_file + ".toml"
-    if os.path.exists(path):
-        raise UserError(f"--output_config: {path} already exists; choose another --config_file")
-    defaults = parser.parse_args([])
-    skip = {"config_file", "output_config", "wandb_api_key"}
-    values = {k: v for k, v in vars(args).items() if k not in skip and getattr(defaults, k, None) != v and v is not None}
-    with open(path, "w", encoding="utf-8") as f:
-        toml.dump(values, f)
-    print(f"wrote {path}")
