@@ -24,6 +24,8 @@ REFUSED = {
     "resume_from_huggingface": f"--resume_from_huggingface: states are not downloaded ({_OFFLINE}); download the "
                                "state folder and pass it to --resume",
     "deepspeed": f"--deepspeed {_NO_DEEPSPEED}",
+    "force_download": f"--force_download: models are not downloaded ({_OFFLINE}); download the tagger's files "
+                      "yourself and put them in the model folder (docs/labelling.md says which and where)",
     # generators: sd-scripts modules and features this generator does not implement
     **{dest: f"--{dest}: {feature} is not supported by this generator; remove the flag"
        for dest, feature in {
