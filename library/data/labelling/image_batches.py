@@ -76,7 +76,9 @@ class ImageBatches:
         loader = torch.utils.data.DataLoader(
             _PrepareDataset(self.paths, self.prepare), batch_size=self.batch_size, shuffle=False,
             num_workers=self.workers, collate_fn=_as_list, pin_memory=self.pin_memory,
-            prefetch_factor=2 if self.workers else None, persistent_workers=False)
+            prefetch_factor=2 if self.workers else None, persistent_workers=False,
+            # its own generator: starting the loader must not draw from the global RNG a seeded sampler uses
+            generator=torch.Generator().manual_seed(0))
         pending: list = []
         with tqdm(total=len(self.paths), unit="image", desc=self.desc, smoothing=0.05) as progress:
             for items in loader:
