@@ -36,7 +36,7 @@ def main(argv=None):
     refuse_set_options(args, parser)
     from library.data.labelling.wd14_tagger import tag_folder
 
-    return 1 if tag_folder(args) else 0
+    return 1 if tag_folder(args).failed else 0
 
 
 if __name__ == "__main__":

@@ -21,14 +21,12 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from library.errors import UserError
-
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = "finetune/tag_images_by_wd14_tagger.py"
@@ -316,3 +314,15 @@ def test_bad_options_and_mismatched_files_stop_before_any_work(images, model_dir
 def test_model_dir_may_hold_the_files_directly(images, model_dir):
     assert tag(images, model_dir / "SmilingWolf_wd-v1-4-convnext-tagger-v2") == 0
     assert caption(images, "red") == RED + "\n"
+
+
+def test_options_a_model_cannot_use_are_reported(images, model_dir, tmp_path, caplog):
+    assert tag(images, model_dir, "--meta_threshold", "0.5", "--use_quality_tags") == 0
+    assert caption(images, "red") == RED + "\n"
+    assert "--meta_threshold: " in caplog.text and "has no meta tags; the option changes nothing" in caplog.text
+    assert "--use_quality_tags: " in caplog.text and "has no quality tags" in caplog.text
+    keras = tmp_path / "keras" / "SmilingWolf_wd-v1-4-convnext-tagger-v2"
+    keras.mkdir(parents=True)
+    (keras / "saved_model.pb").write_bytes(b"")
+    with pytest.raises(UserError, match="holds the TensorFlow model; the tagger runs the ONNX one"):
+        tag(images, tmp_path / "keras")

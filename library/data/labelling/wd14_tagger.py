@@ -3,21 +3,24 @@
 `tag_folder(args)` checks everything it can before the model runs (model files, tag table, option
 values, output folder), then tags the images batch by batch and writes a caption file per image
 (or the `--output_path` file at the end), and prints the tag frequencies with `--frequency_tags`.
-Returns the number of images that failed (unreadable image or caption file).
+It returns a `TagReport`: how many images were tagged and failed (unreadable image or caption file),
+and the time of the tagging loop and of onnxruntime's part of it.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import time
+from dataclasses import dataclass
 
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_REPO_ID = "SmilingWolf/wd-v1-4-convnext-tagger-v2"
-# --<name>_threshold → the tag category it sets (wd14_tags' category names)
-_CATEGORY_FLAGS = {name: name for name in ("general", "character", "meta", "model", "copyright", "artist")}
+# --<category>_threshold flags, named after wd14_tags' categories
+_THRESHOLD_CATEGORIES = ("general", "character", "meta", "model", "copyright", "artist")
 
 
 def add_tagger_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,7 +44,7 @@ def add_tagger_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--caption_extension", default=".txt", help="extension of the caption files (default .txt)")
     p.add_argument("--caption_extention", default=None, help="old misspelt name of --caption_extension")
     p.add_argument("--thresh", type=float, default=0.35, help="score threshold of every category without its own")
-    for name in _CATEGORY_FLAGS:
+    for name in _THRESHOLD_CATEGORIES:
         layout = "" if name in ("general", "character") else "; only models that have such tags"
         p.add_argument(f"--{name}_threshold", type=float, default=None,
                        help=f"threshold of {name} tags (default --thresh{layout})")
@@ -76,17 +79,21 @@ def _position(first: bool, last: bool):
     return "first" if first else None
 
 
+def _given_thresholds(args) -> dict:
+    """category → its --<category>_threshold, None when not given."""
+    return {"general": args.general_threshold, "character": args.character_threshold, "meta": args.meta_threshold,
+            "model": args.model_threshold, "copyright": args.copyright_threshold, "artist": args.artist_threshold}
+
+
 def tag_options(args):
     from library.data.labelling import wd14_tags
 
     thresholds = {}
-    for name, category in _CATEGORY_FLAGS.items():
-        value = getattr(args, f"{name}_threshold")
+    for category, value in _given_thresholds(args).items():
+        flag = "--thresh" if value is None else f"--{category}_threshold"
         thresholds[category] = args.thresh if value is None else value
-    for category, value in thresholds.items():
-        if not 0.0 <= value <= 1.0:
-            flag = "--thresh" if getattr(args, f"{category}_threshold") is None else f"--{category}_threshold"
-            raise UserError(f"{flag} {value}: a threshold is a probability between 0 and 1")
+        if not 0.0 <= thresholds[category] <= 1.0:
+            raise UserError(f"{flag} {thresholds[category]}: a threshold is a probability between 0 and 1")
     separator = args.caption_separator
     return wd14_tags.TagOptions(
         thresholds=thresholds, separator=separator,
@@ -102,13 +109,21 @@ def _warn_unused(args, table) -> None:
     """Options for categories this model does not have change nothing: say so instead of ignoring them."""
     from library.data.labelling.wd14_tags import QUALITY, RATING
 
-    for name, category in _CATEGORY_FLAGS.items():
-        if getattr(args, f"{name}_threshold") is not None and not table.has(category):
-            logger.warning(f"--{name}_threshold: {table.source} has no {category} tags; the option changes nothing")
+    for category, value in _given_thresholds(args).items():
+        if value is not None and not table.has(category):
+            logger.warning(f"--{category}_threshold: {table.source} has no {category} tags; the option changes nothing")
     if (args.use_quality_tags or args.use_quality_tags_as_last_tag) and not table.has(QUALITY):
         logger.warning(f"--use_quality_tags: {table.source} has no quality tags; no quality tag is written")
     if (args.use_rating_tags or args.use_rating_tags_as_last_tag) and not table.has(RATING):
         logger.warning(f"--use_rating_tags: {table.source} has no rating tags; no rating tag is written")
+
+
+@dataclass
+class TagReport:
+    tagged: int
+    failed: int
+    loop_seconds: float  # from the first image read to the last caption written
+    run_seconds: float  # inside onnxruntime's run
 
 
 def _debug_line(path: str, image_tags) -> str:
@@ -116,7 +131,7 @@ def _debug_line(path: str, image_tags) -> str:
     return f"{path}: " + " | ".join(parts)
 
 
-def tag_folder(args) -> int:
+def tag_folder(args) -> TagReport:
     """Tag every image of `args.train_data_dir`; the number of images that failed."""
     from library.data.labelling import caption_files, wd14_tags
     from library.data.labelling.image_batches import ImageBatches
@@ -144,7 +159,8 @@ def tag_folder(args) -> int:
     batches = ImageBatches(paths, PrepareForTagger(model.image_size), model.batch_size,
                            args.max_data_loader_n_workers, args.pin_memory, desc="tagging")
     frequencies: dict = {}
-    failed = 0
+    failed = tagged = 0
+    start = time.perf_counter()
     for number, batch in enumerate(batches):
         scores = model.run([image.payload for image in batch])
         if number == 0:  # models with a free output size are checked on their first answer
@@ -155,15 +171,18 @@ def tag_folder(args) -> int:
                 logger.info(_debug_line(image.path, image_tags))
             for tag in image_tags.tags:
                 frequencies[tag] = frequencies.get(tag, 0) + 1
-            failed += not _store(image, image_tags.tags, output, extension, options.separator, args.append_tags)
+            stored = _store(image, image_tags.tags, output, extension, options.separator, args.append_tags)
+            tagged += stored
+            failed += not stored
     if output is not None:
         output.save()
+    loop_seconds = time.perf_counter() - start
     batches.report_failures()
     if args.frequency_tags:
         print("Tag frequencies:")
         for tag, count in sorted(frequencies.items(), key=lambda item: (-item[1], item[0])):
             print(f"{tag}: {count}")
-    return failed + len(batches.failed)
+    return TagReport(tagged, failed + len(batches.failed), loop_seconds, model.run_seconds)
 
 
 def _store(image, tags, output, extension, separator, append) -> bool:

@@ -65,7 +65,11 @@ class TagTable:
     source: str  # the file it came from, for messages
 
     def indices(self, category: str) -> np.ndarray:
-        return np.array([i for i, c in enumerate(self.categories) if c == category], dtype=np.int64)
+        """Output indices of the category's tags, in output order (computed once per category)."""
+        cache = self.__dict__.setdefault("_indices", {})
+        if category not in cache:
+            cache[category] = np.array([i for i, c in enumerate(self.categories) if c == category], dtype=np.int64)
+        return cache[category]
 
     def has(self, category: str) -> bool:
         return category in self.categories
@@ -234,7 +238,7 @@ class ImageTags:
 
 
 def _kept(probs: np.ndarray, table: TagTable, options: TagOptions, by_category: dict) -> tuple:
-    """(characters, others) above their thresholds as (score, index) lists, in output order."""
+    """(characters, others) at or above their thresholds, as (score, output index) lists."""
     characters, others = [], []
     for category in THRESHOLD_CATEGORIES:
         idx = table.indices(category)
@@ -243,7 +247,7 @@ def _kept(probs: np.ndarray, table: TagTable, options: TagOptions, by_category: 
         chosen = idx[probs[idx] >= options.thresholds[category]]
         by_category[category] = [table.names[i] for i in chosen]
         (characters if category == CHARACTER else others).extend((float(probs[i]), int(i)) for i in chosen)
-    return sorted(characters, key=lambda t: t[1]), sorted(others, key=lambda t: t[1])
+    return characters, others
 
 
 def _best(probs: np.ndarray, table: TagTable, category: str) -> Optional[str]:
@@ -258,15 +262,13 @@ def choose_tags(probs: np.ndarray, table: TagTable, options: TagOptions) -> Imag
     by_category: dict = {}
     characters, others = _kept(probs, table, options, by_category)
     if table.layout == MAPPING:
-        # highest score first; the stable sort keeps output order among equal scores
-        characters.sort(key=lambda t: -t[0])
-        others.sort(key=lambda t: -t[0])
-    if options.characters_first:
-        ordered = characters + others
-    elif table.layout == MAPPING:
-        ordered = sorted(characters + others, key=lambda t: -t[0])
+        key = lambda t: (-t[0], t[1])  # noqa: E731  highest score first, ties in output order
     else:
-        ordered = sorted(characters + others, key=lambda t: t[1])
+        key = lambda t: t[1]  # noqa: E731  output (CSV) order
+    if options.characters_first:
+        ordered = sorted(characters, key=key) + sorted(others, key=key)
+    else:
+        ordered = sorted(characters + others, key=key)
     tags = [table.names[i] for _, i in ordered]
     for category, position in ((QUALITY, options.quality), (RATING, options.rating)):
         if position is None:
