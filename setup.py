@@ -1,6 +1,13 @@
 """Install sdtrain: `pip install -e .` (base install runs on CPU-only machines)."""
 
+import os
+
 from setuptools import find_packages, setup
+
+# onnxruntime (CPU) and onnxruntime-gpu install the same `onnxruntime` package over each other, and an
+# extra can only add to the base list, so the build is chosen here instead of by an extra:
+# `SDTRAIN_ONNXRUNTIME=gpu pip install -e .` takes the CUDA build in place of the CPU one.
+ONNXRUNTIME = "onnxruntime-gpu==1.31.1" if os.environ.get("SDTRAIN_ONNXRUNTIME") == "gpu" else "onnxruntime==1.31.1"
 
 BASE = [
     "torch==2.14.1",
@@ -24,6 +31,7 @@ BASE = [
     "schedulefree==1.4.1",
     "lion-pytorch==0.2.5",
     "tensorboard==2.21.0",
+    ONNXRUNTIME,
 ]
 
 setup(
@@ -37,9 +45,7 @@ setup(
     extras_require={
         # CUDA-only accelerators: used when present, a clear warning when a flag asks for a missing one
         "cuda": ["xformers", "bitsandbytes==0.50.2"],
-        "onnx-gpu": ["onnxruntime-gpu"],
-        "onnx": ["onnxruntime==1.31.1"],
         "lycoris": ["lycoris-lora==3.4.0"],
-        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "scikit-image==0.26.0"],
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "scikit-image==0.26.0", "onnx==1.23.2"],
     },
 )

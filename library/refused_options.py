@@ -30,6 +30,8 @@ REFUSED = {
        for dest in ("ddp_gradient_as_bucket_view", "ddp_static_graph")},
     "dataset_class": "--dataset_class: user dataset classes are written against sd-scripts' internal dataset API, "
                      "which sdtrain does not have; describe the data with --dataset_config (TOML) or metadata JSON",
+    "force_download": f"--force_download: models are not downloaded ({_OFFLINE}); download the tagger's files "
+                      "yourself and put them in the model folder (docs/labelling.md says which and where)",
     # generators: sd-scripts modules and features this generator does not implement
     **{dest: f"--{dest}: {feature} is not supported by this generator; remove the flag"
        for dest, feature in {
