@@ -24,7 +24,7 @@ weight decomposition) rescales the merged weight's columns or rows to the stored
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -45,9 +45,9 @@ def lora_delta(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """ΔW = up ∘ down, shaped like the base weight ([out, in] or [out, in, k, k])."""
     if down.dim() == 2:
         return up.flatten(1) @ down
-    if down.shape[2:] == (1, 1) and up.shape[2:] == (1, 1):
-        return (up.flatten(1) @ down.flatten(1))[:, :, None, None]
-    # k x k down then 1x1 up: the composition is a conv of down's kernels with up's mixing matrix.
+    if up.dim() == 2 or up.shape[2:] == (1, 1):
+        # a 1x1 up only mixes channels: k x k down then up is one matrix product over [in·k·k]
+        return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
     return F.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
 
 
@@ -160,13 +160,22 @@ def _raw_delta(parts: Dict[str, torch.Tensor], kind: str, device) -> torch.Tenso
     return g("diff")
 
 
+def _squeezed(shape) -> tuple:
+    return tuple(d for i, d in enumerate(shape) if not (i >= 2 and d == 1))
+
+
+def _fits(raw: tuple, shape: tuple, kind: str) -> bool:
+    """Whether a change of shape `raw` can be reshaped to `shape` (see `fit_shape`; LyCORIS keeps
+    the conv factors of LoHa/LoKr flattened to [out, in·k·k])."""
+    if raw == shape:
+        return True
+    if math.prod(raw) != math.prod(shape):
+        return False
+    return _squeezed(raw) == _squeezed(shape) or (kind in (LOHA, LOKR) and raw[0] == shape[0])
+
+
 def _fit(delta: torch.Tensor, shape: tuple, kind: str) -> Optional[torch.Tensor]:
-    if tuple(delta.shape) == shape:
-        return delta
-    fitted = fit_shape(delta, shape)
-    if tuple(fitted.shape) != shape and delta.numel() == math.prod(shape) and kind in (LOHA, LOKR):
-        fitted = delta.reshape(shape)  # LyCORIS keeps conv factors flattened to [out, in·k·k]
-    return fitted if tuple(fitted.shape) == shape else None
+    return delta.reshape(shape) if _fits(tuple(delta.shape), shape, kind) else None
 
 
 def _misfit(name: str, delta_shape, shape) -> UserError:
@@ -174,14 +183,45 @@ def _misfit(name: str, delta_shape, shape) -> UserError:
                      f"{tuple(shape)}; the file was made for another model")
 
 
+def _raw_shape(parts: Dict[str, torch.Tensor], kind: str) -> Tuple[int, ...]:
+    """The shape `_raw_delta` returns, from the factors' shapes alone."""
+    s = {k: tuple(v.shape) for k, v in parts.items()}
+    if kind == LORA:
+        down, up = s["lora_down.weight"], s["lora_up.weight"]
+        if "lora_mid.weight" in s:
+            return (up[0], down[1], *s["lora_mid.weight"][2:])
+        return (up[0], *down[1:])
+    if kind == LOHA:
+        if "hada_t1" in s:
+            return (s["hada_w1_a"][1], s["hada_w1_b"][1], *s["hada_t1"][2:])
+        return (s["hada_w1_a"][0], s["hada_w1_b"][1])
+    if kind == LOKR:
+        w1 = s["lokr_w1"] if "lokr_w1" in s else (s["lokr_w1_a"][0], s["lokr_w1_b"][1])
+        if "lokr_w2" in s:
+            w2 = s["lokr_w2"]
+        elif "lokr_t2" in s:
+            w2 = (s["lokr_w2_a"][1], s["lokr_w2_b"][1], *s["lokr_t2"][2:])
+        else:
+            w2 = (s["lokr_w2_a"][0], math.prod(s["lokr_w2_b"][1:]))
+        w1 = w1 + (1,) * (len(w2) - len(w1))
+        return tuple(a * b for a, b in zip(w1, w2))
+    return s["diff"]
+
+
+def delta_shape(parts: Dict[str, torch.Tensor], name: str = "module") -> Tuple[int, ...]:
+    """The shape of the factors' product (a LoRA's layer shape; LyCORIS LoHa/LoKr give conv changes
+    flattened to [out, in·k·k] unless a Tucker core carries the kernel)."""
+    return tuple(_raw_shape(parts, module_kind(parts, name)))
+
+
 def check_fits(parts: Dict[str, torch.Tensor], shape: Iterable[int], name: str = "module") -> None:
     """A UserError when the module's change cannot take the shape of a layer weight of `shape`
     (shapes only: nothing is computed)."""
     shape = tuple(shape)
     kind = module_kind(parts, name)
-    delta = _raw_delta({k: v.to("meta") for k, v in parts.items()}, kind, "meta")
-    if _fit(delta, shape, kind) is None:
-        raise _misfit(name, delta.shape, shape)
+    raw = tuple(_raw_shape(parts, kind))
+    if not _fits(raw, shape, kind):
+        raise _misfit(name, raw, shape)
 
 
 def delta_weight(parts: Dict[str, torch.Tensor], shape: Iterable[int], name: str = "module",

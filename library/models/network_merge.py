@@ -73,9 +73,12 @@ def resolve(modules: Modules, targets: Dict[str, object], source: str, model_tit
 
 def merge_into_models(weights_sd: Dict[str, torch.Tensor], text_encoders: Sequence[torch.nn.Module],
                       unet: Optional[torch.nn.Module], multiplier: float, source: str,
-                      model_title: str = "Stable Diffusion") -> int:
+                      model_title: str = "Stable Diffusion", module_weight: Optional[Callable[[str], float]] = None,
+                      precision: Optional[torch.dtype] = None) -> int:
     """Add a network file's change into the layers' weights (in their own dtype and device); returns
-    the number of modules merged. Only the parts the file has modules for need to be given."""
+    the number of modules merged. Only the parts the file has modules for need to be given.
+    module_weight: a further factor per module name (block weights); precision: a dtype each merged
+    weight is rounded to before it is stored (the merge tools' --precision)."""
     modules = network_deltas.group_modules(weights_sd)
     targets = network_targets.model_targets(text_encoders, unet)
     resolved = resolve(modules, targets, source, model_title)
@@ -86,11 +89,12 @@ def merge_into_models(weights_sd: Dict[str, torch.Tensor], text_encoders: Sequen
         for name, layer in resolved:
             parts = modules[name]
             weight = layer.weight
-            new = network_deltas.merge_weight(weight, parts, multiplier, f"{source}: {name}")
-            weight.copy_(new.to(weight.dtype))
+            factor = multiplier * (module_weight(name) if module_weight else 1.0)
+            new = network_deltas.merge_weight(weight, parts, factor, f"{source}: {name}")
+            weight.copy_((new if precision is None else new.to(precision)).to(weight.dtype))
             bias = network_deltas.delta_bias(parts, weight.device)
             if bias is not None and layer.bias is not None:
-                layer.bias.add_((bias * multiplier).to(layer.bias.dtype))
+                layer.bias.add_((bias * factor).to(layer.bias.dtype))
             merged += 1
     logger.info("%s: merged %d modules (multiplier %s)", source, merged, multiplier)
     return merged
