@@ -1,6 +1,7 @@
 """resize_lora.py: change the rank of a LoRA by SVD, to a fixed rank or per module by a dynamic rule.
 
-Per module: `P = up·down` in float32 (the change without its scale), SVD, keep k singular directions
+Per module: `P = up·down` in float32 (the change without its scale), its SVD (through the factors,
+exact, without forming P: `networks.lora_svd.svd_of_product`), keep k singular directions
 (`networks.lora_svd.select_rank`), `up = U_k·S_k`, `down = Vh_k`, and the new alpha `scale·k`, so the
 change the module applies (`alpha/rank · up·down`) stays the best rank-k approximation of the old one.
 Factor pairs are found as `lora_down`/`lora_up` (sd-scripts), `lora_A`/`lora_B` (PEFT) or `down`/`up`
@@ -68,13 +69,17 @@ def find_pairs(tensors: Dict[str, torch.Tensor], path: str) -> List[Pair]:
     return pairs
 
 
-def _product(tensors, pair: Pair, device) -> torch.Tensor:
-    """up·down (Tucker core included) in float32, shaped like the layer weight."""
+def _svd(tensors, pair: Pair, device):
+    """(shape of the layer weight, U, S, Vh of up·down): through the factors, or for a Tucker core
+    through the formed product."""
     parts = {"lora_down.weight": tensors[pair.down_key], "lora_up.weight": tensors[pair.up_key]}
     if pair.mid_key:
         parts["lora_mid.weight"] = tensors[pair.mid_key]
     shape = network_deltas.delta_shape(parts, pair.module)
-    return network_deltas.delta_weight(parts, shape, pair.module, device)  # no alpha: scale 1
+    if pair.mid_key:
+        return (shape, *lora_svd.svd(network_deltas.delta_weight(parts, shape, pair.module, device), device))
+    up, down = parts["lora_up.weight"].flatten(1), parts["lora_down.weight"].flatten(1)
+    return (shape, *lora_svd.svd_of_product(up, down, device))
 
 
 def resize(tensors: Dict[str, torch.Tensor], path: str, new_rank: int, new_conv_rank: Optional[int],
@@ -91,12 +96,11 @@ def resize(tensors: Dict[str, torch.Tensor], path: str, new_rank: int, new_conv_
         alpha_key = f"{pair.module}.alpha"
         alpha = float(tensors[alpha_key]) if alpha_key in tensors else float(old_rank)
         scale = (alpha or old_rank) / old_rank
-        delta = _product(tensors, pair, device)
-        kxk = delta.dim() == 4 and tuple(delta.shape[2:]) != (1, 1)
-        u, s, vh = lora_svd.svd(delta, device)
+        shape, u, s, vh = _svd(tensors, pair, device)
+        kxk = len(shape) == 4 and tuple(shape[2:]) != (1, 1)
         cap = (new_conv_rank or new_rank) if kxk else new_rank
         k = lora_svd.select_rank(s, cap, method, param, available=old_rank)
-        down, up = lora_svd.factors(u, s, vh, k, tuple(delta.shape))
+        down, up = lora_svd.factors(u, s, vh, k, shape)
         down_key, up_key = pair.down_key, pair.up_key
         if pair.mid_key:  # the Tucker form becomes a plain k x k LoRA module
             down_key, up_key = f"{pair.module}.lora_down.weight", f"{pair.module}.lora_up.weight"

@@ -1,5 +1,9 @@
 """Low-rank factors of a weight change by SVD, for the SVD merge, resize and extraction tools.
 
+A change given as factors (a LoRA, a sum of LoRAs) is decomposed through QR of its factors
+(`svd_of_product`), exactly and without forming the full matrix; a dense change (extraction, a
+full-weight module) through a plain SVD.
+
 `factorize` returns the best rank-k approximation of ΔW in the Frobenius norm (Eckart-Young):
 `up = U_k·diag(S_k)`, `down = Vh_k`, in sd-scripts' layout (k×k convs: down [k, in, kh, kw], up
 [out, k, 1, 1]; the kernel is flattened into the input side). The SVD runs in float32 on the
@@ -21,6 +25,21 @@ def svd(delta: torch.Tensor, device=None) -> Tuple[torch.Tensor, torch.Tensor, t
     """(U, S, Vh) of ΔW flattened to [out, in·kh·kw], in float32 on `device`."""
     matrix = delta.detach().to(device=device, dtype=torch.float32).reshape(delta.shape[0], -1)
     return torch.linalg.svd(matrix, full_matrices=False)
+
+
+def svd_of_product(up: torch.Tensor, down: torch.Tensor, device=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, S, Vh) of up @ down (up [out, r], down [r, n]) without forming it when r is below both
+    sizes: with up = Q1·R1 and downᵀ = Q2·R2, up·down = Q1·(R1·R2ᵀ)·Q2ᵀ, so the SVD of the r×r
+    middle gives the exact singular values and vectors at O((out+n)·r²) cost."""
+    up = up.detach().to(device=device, dtype=torch.float32)
+    down = down.detach().to(device=device, dtype=torch.float32)
+    r = up.shape[1]
+    if r >= min(up.shape[0], down.shape[1]):
+        return torch.linalg.svd(up @ down, full_matrices=False)
+    q1, r1 = torch.linalg.qr(up)
+    q2, r2 = torch.linalg.qr(down.t())
+    u, s, vh = torch.linalg.svd(r1 @ r2.t())
+    return q1 @ u, s, vh @ q2.t()
 
 
 def quantile(values: torch.Tensor, q: float) -> torch.Tensor:

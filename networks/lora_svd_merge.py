@@ -2,8 +2,9 @@
 
 Per module, `ΔW = Σ_i ratio_i · block weight_i · alpha_i/r_i · ΔW_i` (inputs need not share ranks or
 modules), then the best rank-k factors of ΔW (`networks.lora_svd`) with k = `--new_rank` (Linear and
-1×1 conv) or `--new_conv_rank` (k×k conv), at most the matrix's size, and alpha = k (scale 1). One
-module at a time: memory holds the input files (memory-mapped) and one ΔW. Unlike sd-scripts the
+1×1 conv) or `--new_conv_rank` (k×k conv), at most the matrix's size, and alpha = k (scale 1). The SVD
+goes through the inputs' stacked factors (exact, without forming ΔW) where the summed rank is below
+the layer's size, else through the dense sum; one module at a time. Unlike sd-scripts the
 factors are not clipped at a quantile, so the result is the truncated-SVD optimum.
 
 Inputs: LoRA-layout modules (LierLa, C3Lier, DyLoRA, LoRA-FA, LoCon with or without Tucker core) and
@@ -43,6 +44,22 @@ def merged_delta(name: str, inputs: List[tuple], precision: torch.dtype, device)
     return total
 
 
+def _stacked_factors(name: str, inputs: List[tuple], shape, precision: torch.dtype):
+    """(up [out, Σr], down [Σr, in·k·k]) whose product is the merged ΔW, or None when an input is
+    not a plain factor pair (full weights, Tucker cores): those are summed densely."""
+    ups, downs = [], []
+    for source, parts, weight in inputs:
+        if set(parts) - {"lora_down.weight", "lora_up.weight", "alpha"}:
+            return None
+        down = parts["lora_down.weight"].to(precision).float().flatten(1)
+        up = parts["lora_up.weight"].to(precision).float().flatten(1)
+        if up.shape[0] != shape[0] or down.shape[1] != torch.Size(shape[1:]).numel():
+            network_deltas.check_fits(parts, shape, f"{source}: module {name}")
+        ups.append(up * (weight * network_deltas.module_scale(parts)))
+        downs.append(down)
+    return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+
+
 def svd_merge(files: Sequence[LoraFile], ratios: Sequence[float], new_rank: int, new_conv_rank: Optional[int],
               module_weights: Optional[Sequence[Optional[Callable[[str], float]]]] = None,
               precision: torch.dtype = torch.float32, device=None, progress: bool = True) -> Dict[str, torch.Tensor]:
@@ -58,11 +75,15 @@ def svd_merge(files: Sequence[LoraFile], ratios: Sequence[float], new_rank: int,
             modules.setdefault(name, []).append((f.path, parts, weight))
     out: Dict[str, torch.Tensor] = {}
     for name, inputs in tqdm(modules.items(), desc="SVD", unit="module", disable=not progress):
-        delta = merged_delta(name, inputs, precision, device)
-        kxk = delta.dim() == 4 and tuple(delta.shape[2:]) != (1, 1)
-        u, s, vh = lora_svd.svd(delta, device)
+        shape = network_deltas.delta_shape(inputs[0][1], name)
+        stacked = _stacked_factors(name, inputs, shape, precision)
+        if stacked is not None:
+            u, s, vh = lora_svd.svd_of_product(*stacked, device)
+        else:
+            u, s, vh = lora_svd.svd(merged_delta(name, inputs, precision, device), device)
+        kxk = len(shape) == 4 and tuple(shape[2:]) != (1, 1)
         k = min(conv_rank if kxk else new_rank, s.numel())
-        down, up = lora_svd.factors(u, s, vh, k, tuple(delta.shape))
+        down, up = lora_svd.factors(u, s, vh, k, shape)
         out[f"{name}.lora_down.weight"] = down
         out[f"{name}.lora_up.weight"] = up
         out[f"{name}.alpha"] = torch.tensor(float(k))
