@@ -15,10 +15,10 @@ import logging
 import os
 
 from library.errors import UserError
-from networks import lora_block_weights, lora_files
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", "")
+PRECISIONS = ("float", "fp16", "bf16")
 
 
 def build_parser(sdxl: bool, description: str) -> argparse.ArgumentParser:
@@ -27,10 +27,10 @@ def build_parser(sdxl: bool, description: str) -> argparse.ArgumentParser:
         p.add_argument("--v2", action="store_true",
                        help="assert --sd_model is SD2.x (the family is read from the file; a checkpoint without "
                             "its own prediction type is then marked v-prediction, as sd-scripts does)")
-    p.add_argument("--save_precision", choices=lora_files.PRECISION_CHOICES, default=None,
+    p.add_argument("--save_precision", choices=PRECISIONS, default=None,
                    help="dtype written (default: a checkpoint keeps each tensor's dtype, a LoRA is written in "
                         "--precision)")
-    p.add_argument("--precision", choices=lora_files.PRECISION_CHOICES, default="float",
+    p.add_argument("--precision", choices=PRECISIONS, default="float",
                    help="dtype weights are held in while merging: each merged weight is rounded to it after every "
                         "file (default float)")
     p.add_argument("--sd_model", type=str, default=None,
@@ -53,6 +53,8 @@ def build_parser(sdxl: bool, description: str) -> argparse.ArgumentParser:
 
 
 def block_weights(args, files, is_sdxl: bool):
+    from networks import lora_block_weights
+
     lbws = getattr(args, "lbws", None)
     if not lbws:
         return [None] * len(files)
@@ -62,6 +64,8 @@ def block_weights(args, files, is_sdxl: bool):
 
 
 def main(args, sdxl: bool) -> None:
+    from networks import lora_files
+
     if not args.models:
         raise UserError("--models: give at least one LoRA file")
     ratios = lora_files.ratios_for(args.models, args.ratios)
@@ -86,6 +90,7 @@ def _into_lora(args, sdxl: bool, files, ratios, precision, save_to: str) -> None
     import torch
 
     from library.models.families import FAMILIES
+    from networks import lora_files
     from networks.lora_combine import combine
 
     family, v_param = lora_files.lora_family(files)
@@ -104,6 +109,7 @@ def _into_lora(args, sdxl: bool, files, ratios, precision, save_to: str) -> None
 def _into_checkpoint(args, sdxl: bool, files, ratios, precision, save_to: str) -> None:
     from library.models import checkpoint_io, modelspec, network_merge, network_targets, safetensors_io
     from library.models.loading import resolve_family
+    from networks import lora_files
 
     src = args.sd_model
     v2 = True if getattr(args, "v2", False) else None

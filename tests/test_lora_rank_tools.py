@@ -114,13 +114,13 @@ def test_resize_never_raises_the_rank_and_updates_conv_args(sd1, tmp_path):
     assert meta["ss_network_dim"] == "4" and json.loads(meta["ss_network_args"])["conv_dim"] == "2"
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_extraction_recovers_a_known_low_rank_change(family, tiny_checkpoint, tmp_path):
     base = tiny_checkpoint(family)
     models = load_models(base)
     lora = random_lora(models, tmp_path / "known.safetensors", 7, dim=3, alpha=3.0, conv_dim=2)
     tuned, extracted, remerged = (tmp_path / n for n in ("tuned.safetensors", "x.safetensors", "re.safetensors"))
-    merge = merge_lora.main if family == "sd1" else __import__("networks.sdxl_merge_lora").sdxl_merge_lora.main
+    merge = __import__("networks.sdxl_merge_lora").sdxl_merge_lora.main if family == "sdxl" else merge_lora.main
     assert run_tool(merge, "--sd_model", base, "--models", lora, "--save_to", tuned) == 0
     assert run_tool(extract_lora_from_models.main, "--model_org", base, "--model_tuned", tuned, "--save_to", extracted,
                     "--dim", 3, "--conv_dim", 2, "--clamp_quantile", 1, "--min_diff", 0) == 0
@@ -129,7 +129,7 @@ def test_extraction_recovers_a_known_low_rank_change(family, tiny_checkpoint, tm
     want, got = safetensors_io.load_tensors(str(tuned)), safetensors_io.load_tensors(str(remerged))
     assert all(torch.allclose(got[k], want[k], atol=1e-5) for k in want)
     meta = safetensors_io.read_metadata(str(extracted))
-    assert meta["ss_base_model_version"] == ("sdxl_base_v1-0" if family == "sdxl" else "sd_v1")
+    assert meta["ss_base_model_version"] == {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[family]
 
 
 def test_extraction_drops_unchanged_text_encoders_and_clamps_at_the_quantile(sd1, tmp_path):
