@@ -66,6 +66,13 @@ def test_svd_merged_lora_loads_in_diffusers_as_in_our_merge(sd1, tmp_path):
     want, got = state(pipe.unet), state(load_models(str(merged)).unet)
     assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
 
+    from networks import lora as lora_module  # and the generators' network module takes it whole
+
+    models = load_models(base)
+    network, weights = lora_module.create_network_from_weights(1.0, str(lora), models.vae, models.text_encoders,
+                                                               models.unet)
+    assert network.unmatched_modules == [] and not network.load_state_dict(weights, strict=False).unexpected_keys
+
 
 def _known_spectrum_lora(path, singular_values, out=24, inp=20):
     """One module whose change (scale 1/2) has exactly the given singular values."""
