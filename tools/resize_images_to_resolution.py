@@ -6,7 +6,7 @@ Every image larger than a target area W×H is scaled by sqrt(W·H / (w·h)) (sma
 at their size), its sides floored to a multiple of --divisible_by by a centre crop, and saved as
 `<stem>+<WxH>.jpg` (or .png); each size is made from the original. Other files are copied as they
 are; with --copy_associated_files, `<stem>.*` files (captions...) are also copied once per size as
-`<stem>+<WxH><ext>`. Subfolders are left alone.
+`<stem>+<WxH><ext>`. Subfolders are left alone. Every file is written atomically.
 """
 
 import argparse
@@ -66,9 +66,18 @@ def resized(image, area: int, divisible_by: int, resample):
     return image.crop((left, top, left + new_w, top + new_h)) if (new_w, new_h) != (w, h) else image
 
 
+def _copy(src: str, dst: str) -> None:
+    from library.models.safetensors_io import atomic_path
+
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
 def main(argv=None):
     args = setup_parser().parse_args(argv)
     from PIL import Image
+
+    from library.models.safetensors_io import atomic_path
 
     if not os.path.isdir(args.src_img_folder):
         raise UserError(f"{args.src_img_folder}: no such folder")
@@ -86,14 +95,15 @@ def main(argv=None):
             continue
         stem, ext = os.path.splitext(name)
         if ext.lower() not in IMAGE_EXTENSIONS:
-            shutil.copy(path, os.path.join(args.dst_img_folder, name))
+            _copy(path, os.path.join(args.dst_img_folder, name))
             continue
         with Image.open(path) as image:
             image = image.convert("RGB")
             for label, area in resolutions:
                 out = resized(image, area, args.divisible_by, resample)
                 target = os.path.join(args.dst_img_folder, f"{stem}+{label}{'.png' if args.save_as_png else '.jpg'}")
-                out.save(target, quality=100)
+                with atomic_path(target, suffix=os.path.splitext(target)[1]) as tmp:
+                    out.save(tmp, quality=100)
                 logger.info("%s -> %s (%dx%d)", name, os.path.basename(target), *out.size)
         if args.copy_associated_files:
             for other in glob.glob(os.path.join(glob.escape(args.src_img_folder), glob.escape(stem) + ".*")):
@@ -101,7 +111,7 @@ def main(argv=None):
                 if other_ext.lower() in IMAGE_EXTENSIONS:
                     continue
                 for label, _ in resolutions:
-                    shutil.copy(other, os.path.join(args.dst_img_folder, f"{stem}+{label}{other_ext}"))
+                    _copy(other, os.path.join(args.dst_img_folder, f"{stem}+{label}{other_ext}"))
 
 
 if __name__ == "__main__":
