@@ -79,7 +79,7 @@ def child_tool(script: str, argv: list) -> dict:
     import importlib
 
     import torch  # noqa: F401
-    import tqdm  # noqa: F401
+    import tqdm  # noqa: F401 - imported before the clock starts
 
     module = importlib.import_module(script)
     _, stats = measured(lambda: module.main(argv))
