@@ -40,6 +40,6 @@ setup(
         "onnx-gpu": ["onnxruntime-gpu"],
         "onnx": ["onnxruntime==1.31.1"],
         "lycoris": ["lycoris-lora==3.4.0"],
-        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "scikit-image==0.26.0"],
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "scikit-image==0.26.0", "peft==0.21.2"],
     },
 )
