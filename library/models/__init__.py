@@ -4,6 +4,9 @@
 * `unet_convert`, `vae_convert`, `clip_convert`: single-file (original) ⇄ diffusers key layouts;
 * `loading`, `saving`, `safetensors_io`, `checkpoint_io`, `modelspec`: reading and writing checkpoints
   and diffusers folders (atomic writes, `weights_only` pickles, modelspec metadata);
+* `network_deltas`, `network_targets`, `network_merge`: weight changes of LoRA/LyCORIS files (the
+  plain formulas), the layer each module name addresses, merging them into models or a checkpoint
+  streamed tensor by tensor; `checkpoint_sum`: weighted sums of checkpoints, streamed;
 * `embedding_files`: textual-inversion embedding files, which ride on a model's text encoders
   (here, not in `training`, because the generators read them too);
 * `random_models`: seeded random models of the real layouts (tiny or full size);
