@@ -46,6 +46,6 @@ setup(
         # CUDA-only accelerators: used when present, a clear warning when a flag asks for a missing one
         "cuda": ["xformers", "bitsandbytes==0.50.2"],
         "lycoris": ["lycoris-lora==3.4.0"],
-        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "scikit-image==0.26.0", "onnx==1.23.2"],
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "scikit-image==0.26.0", "onnx==1.23.2", "peft==0.21.2"],
     },
 )

@@ -19,31 +19,8 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from library.models.network_deltas import fit_shape, lora_delta  # noqa: F401 - part of this module's interface
 from networks.lora_names import CONV_CLASSES
-
-
-def lora_delta(down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """ΔW = up ∘ down, shaped like the base weight ([out, in] or [out, in, k, k])."""
-    if down.dim() == 2:
-        return up @ down
-    if down.shape[2:] == (1, 1) and up.shape[2:] == (1, 1):
-        return (up.flatten(1) @ down.flatten(1))[:, :, None, None]
-    # k x k down then 1x1 up: the composition is a conv of down's kernels with up's mixing matrix.
-    return F.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
-
-
-def fit_shape(t: torch.Tensor, shape) -> torch.Tensor:
-    """Reshape [r, in] <-> [r, in, 1, 1] when a file and a model disagree only by 1x1 dims.
-
-    SD2 models loaded from single files by kohya use 1x1 conv projections, ours use Linear.
-    """
-    shape = tuple(shape)
-    if tuple(t.shape) == shape or t.numel() != math.prod(shape):
-        return t
-    squeeze = lambda s: tuple(d for i, d in enumerate(s) if not (i >= 2 and d == 1))  # noqa: E731
-    if squeeze(t.shape) == squeeze(shape):
-        return t.reshape(shape)
-    return t
 
 
 class LoRAModule(torch.nn.Module):

@@ -19,9 +19,8 @@ from typing import Callable, Iterator, List, Optional, Sequence
 import torch
 
 from library.models import unet_convert
+from library.models.network_targets import PREFIX_TE, PREFIX_UNET, text_encoder_prefixes  # noqa: F401
 
-PREFIX_UNET = "lora_unet"
-PREFIX_TE = "lora_te"
 PREFIX_TE1 = "lora_te1"
 PREFIX_TE2 = "lora_te2"
 
@@ -61,12 +60,6 @@ def is_sdxl_unet(unet) -> bool:
     """SDXL is recognised by its config (added text/time embedding), not by the class."""
     config = getattr(unet, "config", None) or {}
     return config.get("addition_embed_type") == "text_time"
-
-
-def text_encoder_prefixes(count: int, is_sdxl: bool) -> List[str]:
-    if count == 1 and not is_sdxl:
-        return [PREFIX_TE]
-    return [f"{PREFIX_TE}{i + 1}" for i in range(count)]
 
 
 def classic_te_path(path: str) -> str:

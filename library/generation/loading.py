@@ -121,7 +121,7 @@ def load_networks(args, models, dtype: torch.dtype, device: torch.device):
         _check_network_fits(network, weights, path, models.family)
         try:
             if i < merge_count and network.is_mergeable():
-                network.merge_to(encoders, models.unet, weights, dtype, device)
+                merge_network(network, weights, models, mul, dtype, device, path)
                 logger.info("merged %s (multiplier %s)", path, mul)
                 continue
             # both parts explicitly: plugins such as lycoris.kohya require the flags
@@ -138,6 +138,18 @@ def load_networks(args, models, dtype: torch.dtype, device: torch.device):
         networks.append(network)
         muls.append(mul)
     return networks, muls
+
+
+def merge_network(network, weights: dict, models, multiplier: float, dtype, device, path: str) -> None:
+    """--network_merge: LoRA and LyCORIS files through `library.models.network_merge` (one formula for
+    every tool; lycoris-lora's own merge_to scales LoKr and LoHa changes twice), others through the plugin."""
+    from library.models import network_merge
+    from library.models.network_deltas import group_modules
+
+    if network_merge.understands(group_modules(weights)):
+        network_merge.merge_into_models(weights, models.text_encoders, models.unet, multiplier, path, models.family.title)
+    else:
+        network.merge_to(list(models.text_encoders), models.unet, weights, dtype, device)
 
 
 def _check_network_fits(network, weights: dict, path: str, family) -> None:

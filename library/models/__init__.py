@@ -7,6 +7,9 @@
 * `atomic_writes`: files and folders written under a temporary name and renamed into place, and the
   clean-up of what a killed writer left;
 * `text_encoder_view`: the text encoders as `--network_module` plugins expect them (`text_model.`);
+* `network_deltas`, `network_targets`, `network_merge`: weight changes of LoRA/LyCORIS files (the
+  plain formulas), the layer each module name addresses, merging them into models or a checkpoint
+  streamed tensor by tensor; `checkpoint_sum`: weighted sums of checkpoints, streamed;
 * `embedding_files`: textual-inversion embedding files, which ride on a model's text encoders
   (here, not in `training`, because the generators read them too);
 * `random_models`: seeded random models of the real layouts (tiny or full size);

@@ -160,3 +160,63 @@ def save_pickle_checkpoint(state: Dict[str, object], path: str) -> None:
     """torch.save to `path` atomically."""
     with safetensors_io.atomic_path(path) as tmp:
         torch.save(state, tmp)
+
+
+class TensorSource:
+    """A checkpoint read tensor by tensor, for tools that stream: `names` in file order, `shape(name)`,
+    `dtype(name)` without reading data, `read(name)` one tensor. A safetensors file is read one
+    tensor at a time into fresh memory (nothing stays mapped); a pickle is memory-mapped where the
+    format allows (zip), else loaded whole."""
+
+    def __init__(self, path: str):
+        _check_exists(path)
+        if os.path.isdir(path):
+            raise UserError(f"{path}: is a folder; expected a checkpoint file")
+        self.path = path
+        kind = sniff_format(path)
+        self._reader = None
+        self._tensors: Dict[str, torch.Tensor] = {}
+        self.extra: Dict[str, object] = {}
+        if kind == "safetensors":
+            self._reader = safetensors_io.TensorReader(path)
+            header = self._reader.header
+            self.names = sorted(header.tensors, key=lambda k: header.tensors[k].begin)
+            self.metadata = header.metadata
+            self.format = "safetensors"
+        elif kind in ("zip-pickle", "pickle"):
+            self._tensors, self.extra = _flatten_pickle(torch_load_safely(path, mmap=kind == "zip-pickle"), path)
+            self.names = list(self._tensors)
+            self.metadata = {}
+            self.format = "pickle"
+        else:
+            read_checkpoint(path)  # raises the one-line error for this kind of file
+            raise UserError(f"{path}: not a model file")
+
+    def __enter__(self) -> "TensorSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+        self._tensors = {}
+
+    def shape(self, name: str) -> tuple:
+        if self._reader is not None:
+            return tuple(self._reader.header.tensors[name].shape)
+        return tuple(self._tensors[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        if self._reader is not None:
+            return safetensors_io.DTYPES[self._reader.header.tensors[name].dtype]
+        return self._tensors[name].dtype
+
+    def shapes(self) -> Dict[str, tuple]:
+        return {name: self.shape(name) for name in self.names}
+
+    def read(self, name: str) -> torch.Tensor:
+        if self._reader is not None:
+            return self._reader.read(name)
+        return self._tensors[name]

@@ -335,6 +335,27 @@ def openclip_to_classic(sd: dict, spec) -> tuple[dict, dict]:
     return classic, extras
 
 
+def openclip_classic_sources(keys) -> dict:
+    """classic key -> (OpenCLIP key, part) for the encoder-layer and top-level weights of an OpenCLIP
+    text tower (keys without prefix): part is None for a tensor taken as is, else 0/1/2 for the q/k/v
+    third of the packed `attn.in_proj_*` (rows [part·d, (part+1)·d)). Every resblock is listed, also
+    the ones the HF model drops; the projection is left out (it is transposed, not renamed)."""
+    out = {}
+    for key in keys:
+        m = _RESBLOCK_RE.match(key)
+        if m:
+            layer, rest = f"text_model.encoder.layers.{m.group(1)}.", m.group(2)
+            if rest.startswith("attn.in_proj_"):
+                kind = rest.rpartition("_")[2]
+                for part, name in enumerate("qkv"):
+                    out[f"{layer}self_attn.{name}_proj.{kind}"] = (key, part)
+            elif rest in _RESBLOCK_RENAMES:
+                out[layer + _RESBLOCK_RENAMES[rest]] = (key, None)
+        elif key in _OPENCLIP_TOP:
+            out[_OPENCLIP_TOP[key]] = (key, None)
+    return out
+
+
 def _pack_layer(classic_sd: dict, i: int, what: str) -> dict:
     src = f"text_model.encoder.layers.{i}."
     dst = f"transformer.resblocks.{i}."

@@ -26,7 +26,7 @@ import math
 import os
 import struct
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 
@@ -191,6 +191,18 @@ def _map_private(path: str, f, header: SafetensorsHeader, names) -> "torch.Untyp
 
 def save_tensors(tensors: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None) -> None:
     """Write a safetensors file atomically, streaming one tensor at a time (no whole-file buffer)."""
+    for name, t in tensors.items():
+        if t.device.type == "meta":
+            raise ValueError(f"tensor {name!r} is on the meta device and has no data")
+    entries = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    write_tensors(path, entries, tensors.__getitem__, metadata)
+
+
+def write_tensors(path: str, entries: Sequence[Tuple[str, torch.dtype, tuple]],
+                  produce: Callable[[str], torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write a safetensors file atomically from (name, dtype, shape) entries, asking `produce(name)`
+    for each tensor only when it is written: a tool can compute and drop one tensor at a time, so
+    the file's size never has to fit in memory. A produced tensor must match its entry."""
     if metadata is not None:
         bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
         if bad:
@@ -199,15 +211,11 @@ def save_tensors(tensors: Dict[str, torch.Tensor], path: str, metadata: Optional
     if metadata:
         header["__metadata__"] = metadata
     offset = 0
-    order = list(tensors)
-    for name in order:
-        t = tensors[name]
-        if t.device.type == "meta":
-            raise ValueError(f"tensor {name!r} is on the meta device and has no data")
-        if t.dtype not in DTYPE_NAMES:
-            raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+    for name, dtype, shape in entries:
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot store")
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the format wants the data section 8-byte aligned
@@ -215,13 +223,51 @@ def save_tensors(tensors: Dict[str, torch.Tensor], path: str, metadata: Optional
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)
-            for name in order:
-                t = tensors[name].detach()
+            for name, dtype, shape in entries:
+                t = produce(name).detach()
+                if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                    raise ValueError(f"tensor {name!r}: produced {t.dtype} {tuple(t.shape)}, announced {dtype} {shape}")
                 if t.device.type != "cpu":
                     t = t.cpu()
                 f.write(_as_bytes(t.contiguous()))
+                del t
             f.flush()
             os.fsync(f.fileno())
+
+
+class TensorReader:
+    """The tensors of one safetensors file, read one at a time into fresh memory.
+
+    For tools that stream a checkpoint tensor by tensor: nothing stays mapped, so memory holds only
+    the tensors the caller keeps.
+    """
+
+    def __init__(self, path: str, header: Optional[SafetensorsHeader] = None):
+        self.path = path
+        self.header = header or read_header(path)
+        self._file = open(path, "rb", buffering=0)
+
+    def __enter__(self) -> "TensorReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def read(self, name: str) -> torch.Tensor:
+        info = self.header.tensors[name]
+        dtype = DTYPES[info.dtype]
+        nbytes = info.end - info.begin
+        if nbytes != math.prod(info.shape) * dtype.itemsize:
+            raise UserError(f"{self.path}: tensor {name!r} size does not match its shape; the file is damaged")
+        t = torch.empty(info.shape, dtype=dtype)
+        if nbytes:
+            self._file.seek(self.header.data_start + info.begin)
+            if self._file.readinto(_as_bytes(t)) != nbytes:
+                raise UserError(f"{self.path}: file is truncated at tensor {name!r}; re-download or re-save it")
+        return t
 
 
 def iter_names(path: str) -> Iterable[str]:

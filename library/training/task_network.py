@@ -109,6 +109,26 @@ class NetworkTask(Task):
             hint = " (pip install -e .[lycoris])" if name.startswith("lycoris") else ""
             raise UserError(f"--network_module {name}: cannot import it ({e}){hint}") from None
 
+    def _merge_base_weights(self, run: Run, te) -> None:
+        """--base_weights, merged before the network is made. LoRA and LyCORIS files go through
+        `library.models.network_merge` (one formula for every tool; lycoris-lora's own merge_to scales
+        LoKr and LoHa changes twice); other files through the plugin's merge_to."""
+        from library.models import checkpoint_io, network_merge
+        from library.models.network_deltas import group_modules
+
+        args, models = run.args, run.models
+        for i, path in enumerate(args.base_weights or []):
+            multiplier = args.base_weights_multiplier[i] if args.base_weights_multiplier else 1.0
+            weights = checkpoint_io.read_checkpoint(path).tensors
+            if network_merge.understands(group_modules(weights)):
+                network_merge.merge_into_models(weights, models.text_encoders, models.unet, multiplier, path,
+                                                models.family.title)
+            else:
+                net, sd = self.module.create_network_from_weights(multiplier, path, models.vae, te, models.unet,
+                                                                  weights_sd=weights, for_inference=True)
+                net.merge_to(te, models.unet, sd, run.precision.weight_dtype, run.device)
+            logger.info("merged base weights %s (multiplier %s)", path, multiplier)
+
     def setup(self, run: Run) -> None:
         args = run.args
         models = run.models
@@ -117,11 +137,7 @@ class NetworkTask(Task):
         self.module = self._import_module(args.network_module)
         kwargs = parse_network_args(args.network_args)
 
-        for i, path in enumerate(args.base_weights or []):
-            multiplier = args.base_weights_multiplier[i] if args.base_weights_multiplier else 1.0
-            net, sd = self.module.create_network_from_weights(multiplier, path, models.vae, te, models.unet, for_inference=True)
-            net.merge_to(te, models.unet, sd, run.precision.weight_dtype, run.device)
-            logger.info("merged base weights %s (multiplier %s)", path, multiplier)
+        self._merge_base_weights(run, te)
 
         if args.dim_from_weights:
             self.network, _ = self.module.create_network_from_weights(1.0, args.network_weights, models.vae, te, models.unet, **kwargs)
