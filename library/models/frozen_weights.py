@@ -23,6 +23,11 @@ A bf16 run on CPU (--mixed_precision bf16) holds its frozen layers here too, wei
 compute dtype bf16: under autocast the layers take their input in autocast's dtype, and small-map
 convolutions unfold into one bf16 GEMM instead of oneDNN's (`_UNFOLD_MAX_PIXELS_BF16`).
 
+With `--fp8_base` (`hold_in_fp8`) the frozen U-Net's and text encoders' Linear and Conv2d weights
+are held in float8_e4m3fn with a power-of-two scale per tensor (`library.models.fp8_weights`, which
+says why) and go through the same layers: the upcast multiplies by the scale (on CPU, a table lookup
+into the same reused buffer), and everything else above applies unchanged.
+
 The swapped layer classes keep the names `Linear`, `Conv2d` and `Embedding`, because network
 modules (ours, LyCORIS) choose the layers they adapt by class name; they stay subclasses of torch's,
 so `isinstance` checks and state dicts are unchanged.
