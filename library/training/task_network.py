@@ -132,7 +132,7 @@ class NetworkTask(Task):
         for i, path in enumerate(args.base_weights):
             multiplier = args.base_weights_multiplier[i] if args.base_weights_multiplier else 1.0
             net, sd = module.create_network_from_weights(multiplier, path, models.vae, te, models.unet, for_inference=True)
-            net.merge_to(te, models.unet, sd, precision.weight_dtype, None)  # on the weights' device
+            net.merge_to(te, models.unet, sd, precision.weight_dtype, "cpu")  # where the weights are, as sd-scripts does
             logger.info("merged base weights %s (multiplier %s)", path, multiplier)
 
     def setup(self, run: Run) -> None:
