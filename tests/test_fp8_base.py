@@ -93,12 +93,13 @@ def _reference(model: torch.nn.Sequential, x: torch.Tensor):
     return x
 
 
-def _model():
+def _model(side=16):
     torch.manual_seed(0)
-    # 3x3 on a 16x16 map (oneDNN), 1x1 stride 2 on 8x8 (im2col/GEMM), a Linear on few rows
+    # 3x3 on a 16x16 map (oneDNN), 1x1 stride 2 on 16x16 (float32: im2col/GEMM), a Linear on few rows;
+    # on an 8x8 map, bf16 convolutions unfold into one GEMM
     return torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.GroupNorm(2, 8), torch.nn.SiLU(),
-                               torch.nn.Conv2d(8, 8, 1, stride=2), torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 5)
-                               ).half().requires_grad_(False)
+                               torch.nn.Conv2d(8, 8, 1, stride=2), torch.nn.Flatten(),
+                               torch.nn.Linear(8 * (side // 2) ** 2, 5)).half().requires_grad_(False)
 
 
 @pytest.mark.parametrize("layout", ["input_left", "weight_left"])
@@ -126,19 +127,26 @@ def test_fp8_layers_equal_float32_math_on_the_rounded_weights(layout, monkeypatc
     torch.testing.assert_close(ours_x.grad.double(), ref_x.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_fp8_layers_compute_in_bf16_under_autocast():
+@pytest.mark.parametrize("side", [16, 8])
+def test_fp8_layers_compute_in_bf16_under_autocast(side):
+    from library.models import frozen_weights
     from library.models.frozen_weights import compute_dtype, hold_in_fp8
 
-    model = _model()
+    model = _model(side)
     held = copy.deepcopy(model)
     hold_in_fp8(held, torch.bfloat16)
     assert compute_dtype(held) == torch.bfloat16
-    x = torch.randn(2, 4, 16, 16)
+    x = torch.randn(2, 4, side, side, dtype=torch.float64)
+    assert frozen_weights._unfold_cpu(x.shape, held[0].weight, 1, torch.bfloat16) == (side == 8)
+    ref_x, ours_x = x.clone().requires_grad_(True), x.float().requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours = held(x)
-    ref = _reference(model, x.double())
+        ours = held(ours_x)
+    ref = _reference(model, ref_x)
     assert ours.dtype == torch.bfloat16
-    assert float((ours.double() - ref).norm() / ref.norm()) < 0.02  # bf16 activations: 8-bit mantissa
+    assert float((ours.double() - ref).detach().norm() / ref.detach().norm()) < 0.02  # bf16 activations: 8-bit mantissa
+    ref.square().sum().backward()
+    ours.float().square().sum().backward()
+    assert float((ours_x.grad.double() - ref_x.grad).norm() / ref_x.grad.norm()) < 0.03
 
 
 def _diffusers_unet():
