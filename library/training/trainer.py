@@ -107,7 +107,7 @@ def _hold_frozen(models, parts: list, compute_dtype: torch.dtype, fp8: bool = Fa
     modules.update({spec.diffusers_subfolder: te for spec, te in zip(models.family.text_encoders, models.text_encoders)})
     hold = hold_in_fp8 if fp8 else hold_in_half
     kept = sum(hold(modules[part], compute_dtype) for part in parts if part in modules)
-    if fp8:
+    if fp8 and parts:
         logger.info("frozen %s weights held in float8_e4m3fn (%.2f GiB with the embeddings), computed in %s",
                     "/".join(part for part in parts if part in modules), kept / 2**30, str(compute_dtype).split(".")[-1])
     elif kept and compute_dtype == torch.float32:
