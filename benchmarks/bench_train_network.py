@@ -2,7 +2,7 @@
 first step, and peak memory, for an SD1.5-size and an SDXL-size model.
 
     python benchmarks/bench_train_network.py [--families sd1,sdxl] [--steps 6] [--mixed_precision no,bf16]
-        [--first_use] [--profile] [--no_plain] [--no_interleaved] [--interleaved_steps N]
+        [--first_use] [--profile] [--no_plain] [--no_interleaved] [--interleaved_steps N] [--fp8] [--only_train]
 
 Settings (from the issue): 256 px, batch 1, LoRA dim 4 (alpha 1), cached latents, on CPU in float32
 (`--mixed_precision no`, the default) and/or with `--mixed_precision bf16`,
@@ -49,6 +49,12 @@ with more OpenMP threads than free cores every parallel op waits for a deschedul
 per-tensor step over the SD1.5 LoRA went from 0.04 s to 2.7 s that way), and the CPU seconds per
 step, which other processes hardly change, give the step / bare ratio. `--profile` additionally runs a short
 training under cProfile and writes where a step's time goes to CACHE_DIR/profile-train-FAMILY[-bf16].txt.
+
+`--fp8` runs every training a second time with `--fp8_base` (frozen U-Net and text encoders held in
+float8_e4m3fn, library/models/fp8_weights.py) and sets its s/step, peak RSS and loss beside the run
+without it: same seed, so the same batches, noise and timesteps, and the loss (the trainer's moving
+average at each step, from the tqdm line) differs only by the weights' rounding. `--only_train` skips
+the bare, plain and interleaved runs (the rows that judge the loop's overhead).
 """
 
 from __future__ import annotations
@@ -92,6 +98,7 @@ MEMORY_EXTRA = 3 * GIB
 MIN_AVAILABLE = 1 * GIB
 
 TQDM_COUNT = re.compile(r"\|\s*(\d+)/(\d+) \[")
+TQDM_LOSS = re.compile(r"\|\s*(\d+)/\d+ \[[^\]]*loss=([-+0-9.eE]+|nan|inf)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,6 +268,15 @@ def step_times(events: list) -> list:
     return [seen[k] for k in sorted(seen) if k > 0]
 
 
+def step_losses(events: list) -> list:
+    """The loss shown on the tqdm line after each finished step (the trainer's moving average)."""
+    seen = {}
+    for _, text in events:
+        for match in TQDM_LOSS.finditer(text):
+            seen[int(match.group(1))] = float(match.group(2))
+    return [seen[k] for k in sorted(seen) if k > 0]
+
+
 def cpu_at(samples: list, at: float) -> float:
     """The main process's CPU seconds at `at`, interpolated between the polled samples."""
     before = max((s for s in samples if s[0] <= at), default=samples[0])
@@ -306,7 +322,7 @@ def measure_training(family: str, model: str, data: str, steps: int, threads: in
     loop_start = first_event(watched.events, "training network on")
     cache_done = first_event(watched.events, "latent cache:")
     return dict(result, first_step=done[0], step_seconds=statistics.median(gaps), step_gaps=gaps, cpu_gaps=cpu_gaps,
-                loop_start=loop_start, cache_done=cache_done,
+                loop_start=loop_start, cache_done=cache_done, losses=step_losses(watched.events),
                 first_step_only=done[0] - loop_start if loop_start is not None else None)
 
 
@@ -492,6 +508,23 @@ def first_use_rows(family: str, train: dict, mixed_precision: str = "no") -> lis
     ]
 
 
+def fp8_rows(family: str, train: dict, fp8: dict, mixed_precision: str = "no") -> list:
+    """The run with --fp8_base against the same run without it (same seed: same batches and noise)."""
+    label = family_label(family, mixed_precision) + " --fp8_base"
+    rss, rss_fp8 = train["peak_rss"] / GIB, fp8["peak_rss"] / GIB
+    step, step_fp8 = train["step_seconds"], fp8["step_seconds"]
+    loss, loss_fp8 = train["losses"][-1], fp8["losses"][-1]
+    gap = max(abs(a - b) / abs(a) for a, b in zip(train["losses"], fp8["losses"]))
+    return [
+        [f"{label}: s/step (median of {len(fp8['step_gaps'])}) / without", f"{step_fp8:.2f} / {step:.2f}", "-",
+         f"{step_fp8 / step:.2f}x", "-", "-"],
+        [f"{label}: peak RSS of the trainer, GiB / without", f"{rss_fp8:.2f} / {rss:.2f}", "-",
+         f"{rss_fp8 / rss:.2f}x", "-", "-"],
+        [f"{label}: loss after {len(fp8['losses'])} steps (moving average) / without; largest step difference",
+         f"{loss_fp8:.4f} / {loss:.4f}; {100 * gap:.2f} %", "-", f"{loss_fp8 / loss:.4f}x", "-", "-"],
+    ]
+
+
 def render(rows: list) -> str:
     head = ["measure", "sdtrain", "established trainer", "ratio", "target", "verdict"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -538,6 +571,10 @@ def parse_args(argv=None):
                         "interval of its step / bare median")
     p.add_argument("--no_interleaved", action="store_true",
                    help="skip the run that alternates training steps and bare iterations in one process")
+    p.add_argument("--fp8", action="store_true",
+                   help="also run each training with --fp8_base and compare s/step, peak RSS and loss")
+    p.add_argument("--only_train", action="store_true",
+                   help="only the training runs (no bare, plain or interleaved runs): with --fp8, the fp8 rows alone")
     # internal: one measurement in a fresh process
     p.add_argument("--child", choices=("bare", "interleaved", "profile"), help=argparse.SUPPRESS)
     p.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
@@ -603,6 +640,24 @@ def main(argv=None) -> None:
         for precision in precisions:
             tag = family if precision == "no" else f"{family} {precision}"
             try:
+                if args.only_train:
+                    print(f"[{tag}] training {args.steps} steps...", flush=True)
+                    train = measure_training(family, model, data, args.steps, args.threads, mixed_precision=precision)
+                    notes.append(f"[{tag}] training: step gaps " + ", ".join(f"{g:.2f}" for g in train["step_gaps"])
+                                 + " s; losses " + ", ".join(f"{x:.4f}" for x in train["losses"]))
+                    fp8 = None
+                    if args.fp8:
+                        print(f"[{tag}] training {args.steps} steps with --fp8_base...", flush=True)
+                        fp8 = measure_training(family, model, data, args.steps, args.threads, ("--fp8_base",), precision)
+                        notes.append(f"[{tag} --fp8_base] training: step gaps "
+                                     + ", ".join(f"{g:.2f}" for g in fp8["step_gaps"]) + " s; losses "
+                                     + ", ".join(f"{x:.4f}" for x in fp8["losses"]))
+                        rows += fp8_rows(family, train, fp8, precision)
+                    else:
+                        rows.append([f"{family_label(family, precision)} s/step / peak RSS GiB",
+                                     f"{train['step_seconds']:.2f} / {train['peak_rss'] / GIB:.2f}", "-", "-", "-", "-"])
+                    print("\n".join(notes[-2 if fp8 else -1:]), flush=True)
+                    continue
                 # bare runs before and after the training, so that a drift of the machine's speed over
                 # those minutes falls on both sides of the step / bare ratio
                 print(f"[{tag}] bare forward+backward, {args.iters} iterations...", flush=True)
@@ -614,6 +669,10 @@ def main(argv=None) -> None:
                     plain = measure_bare(family, model, args.iters, args.threads, precision, plain=True)
                 print(f"[{tag}] training {args.steps} steps...", flush=True)
                 train = measure_training(family, model, data, args.steps, args.threads, mixed_precision=precision)
+                fp8 = None
+                if args.fp8:
+                    print(f"[{tag}] training {args.steps} steps with --fp8_base...", flush=True)
+                    fp8 = measure_training(family, model, data, args.steps, args.threads, ("--fp8_base",), precision)
                 print(f"[{tag}] bare forward+backward again, {args.iters} iterations...", flush=True)
                 bare = merge_bare(before, measure_bare(family, model, args.iters, args.threads, precision))
                 mixed = None
@@ -628,6 +687,11 @@ def main(argv=None) -> None:
                 continue
             rows += family_rows(family, train, bare, precision, judged=mixed is None)
             notes.append(details(family, train, bare, precision))
+            if fp8 is not None:
+                rows += fp8_rows(family, train, fp8, precision)
+                notes[-1] += (f"\n[{tag}] --fp8_base: step gaps " + ", ".join(f"{g:.2f}" for g in fp8["step_gaps"])
+                              + " s; losses " + ", ".join(f"{x:.4f}" for x in fp8["losses"]) + " (without: "
+                              + ", ".join(f"{x:.4f}" for x in train["losses"]) + ")")
             if mixed is not None:
                 rows += interleaved_rows(family, mixed, precision)
                 notes[-1] += (f"\n[{tag}] interleaved in one process: steps "

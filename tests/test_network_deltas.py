@@ -216,10 +216,8 @@ def test_base_weights_of_lycoris_merge_what_lycoris_applies(lycoris_sd1):
 
     path, lora = lycoris_sd1
     models = load_models(path)
-    args = SimpleNamespace(base_weights=[lora], base_weights_multiplier=[0.8])
-    run = SimpleNamespace(args=args, models=models, precision=SimpleNamespace(weight_dtype=torch.float32),
-                          device=torch.device("cpu"))
-    NetworkTask(sdxl=False)._merge_base_weights(run, None)
+    args = SimpleNamespace(base_weights=[lora], base_weights_multiplier=[0.8], network_module="lycoris.kohya")
+    NetworkTask(sdxl=False).merge_base_weights(models, args, SimpleNamespace(weight_dtype=torch.float32))
     reference = _lycoris_reference(path, lora, 0.8)
     for ours, theirs in zip(_outputs(models), _outputs(reference)):
         assert torch.allclose(ours, theirs, atol=1e-4 * theirs.abs().max())

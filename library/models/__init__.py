@@ -13,8 +13,8 @@
 * `embedding_files`: textual-inversion embedding files, which ride on a model's text encoders
   (here, not in `training`, because the generators read them too);
 * `random_models`: seeded random models of the real layouts (tiny or full size);
-* `frozen_weights`, `cpu_attention`, `device_setup`: how frozen weights are held, attention on the
-  CPU, devices and precision.
+* `frozen_weights`, `fp8_weights`, `cpu_attention`, `device_setup`: how frozen weights are held (in
+  half precision, or in fp8 with `--fp8_base`), attention on the CPU, devices and precision.
 
 May import `library.text` (saving a diffusers folder writes its tokenizer) and nothing above.
 """

@@ -1,6 +1,6 @@
 """Devices, processes, precision and attention backends, with graceful fallbacks off CUDA.
 
-CUDA-only features asked for on a machine without them (fp16 autocast, xformers, fp8) degrade
+CUDA-only features asked for on a machine without them (fp16 autocast, xformers) degrade
 with one warning line each and the run goes on: the same command works on a laptop and a GPU box.
 So does bf16 on a CPU without bf16 kernels (`bf16_or_float32`).
 """
@@ -77,9 +77,6 @@ def resolve_precision(args, device: torch.device) -> Precision:
     if getattr(args, "full_bf16", False) and wanted != "bf16":
         logger.warning("--full_bf16 needs --mixed_precision bf16; ignored")
         args.full_bf16 = False
-    if getattr(args, "fp8_base", False) and device.type != "cuda":
-        logger.warning("--fp8_base needs CUDA; the base model stays in %s", "bf16" if wanted == "bf16" else "float32")
-        args.fp8_base = False
     if wanted == "no":
         return Precision(torch.float32, None, torch.float32, "no")
     dtype = torch.float16 if wanted == "fp16" else torch.bfloat16

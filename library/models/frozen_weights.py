@@ -23,6 +23,11 @@ A bf16 run on CPU (--mixed_precision bf16) holds its frozen layers here too, wei
 compute dtype bf16: under autocast the layers take their input in autocast's dtype, and small-map
 convolutions unfold into one bf16 GEMM instead of oneDNN's (`_UNFOLD_MAX_PIXELS_BF16`).
 
+With `--fp8_base` (`hold_in_fp8`) the frozen U-Net's and text encoders' Linear and Conv2d weights
+are held in float8_e4m3fn with a power-of-two scale per tensor (`library.models.fp8_weights`, which
+says why) and go through the same layers: the upcast multiplies by the scale (on CPU, a table lookup
+into the same reused buffer), and everything else above applies unchanged.
+
 The swapped layer classes keep the names `Linear`, `Conv2d` and `Embedding`, because network
 modules (ours, LyCORIS) choose the layers they adapt by class name; they stay subclasses of torch's,
 so `isinstance` checks and state dicts are unchanged.
@@ -37,7 +42,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from library.models.fp8_weights import FP8, dequantize, quantize, upcast_cpu_into
+
 HALF = (torch.float16, torch.bfloat16)
+NARROW = HALF + (FP8,)  # the dtypes a held weight may have below its compute dtype
 
 
 class _UpcastBuffers(threading.local):
@@ -50,18 +58,22 @@ class _UpcastBuffers(threading.local):
 _buffers = _UpcastBuffers()
 
 
-def _upcast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`weight` in `dtype`, valid until the next call on this thread: callers use it in one op and drop it."""
+def _upcast(weight: torch.Tensor, dtype: torch.dtype, exponent: int = 0) -> torch.Tensor:
+    """`weight` (times `2**-exponent`, the scale of an fp8 weight) in `dtype`, valid until the next
+    call on this thread: callers use it in one op and drop it."""
     if weight.dtype == dtype:
         return weight
     if torch.compiler.is_compiling() or weight.device.type != "cpu":
         # a compiled graph must not write into a tensor outside it; CUDA's caching allocator
         # already reuses blocks, so the plain cast costs no page faults there
-        return weight.to(dtype)
+        return dequantize(weight, exponent, dtype)
     buffer = _buffers.by_dtype.get(dtype)
     if buffer is None or buffer.numel() < weight.numel():
         buffer = _buffers.by_dtype[dtype] = torch.empty(weight.numel(), dtype=dtype)
-    return buffer[: weight.numel()].view(weight.shape).copy_(weight)
+    out = buffer[: weight.numel()].view(weight.shape)
+    if weight.dtype == FP8:
+        return upcast_cpu_into(out, weight, exponent)
+    return out.copy_(weight)
 
 
 # A Linear on few rows (tokens x batch) streams its weight once for little arithmetic. On CPU it
@@ -118,7 +130,7 @@ def _padded_rows(x2d: torch.Tensor) -> torch.Tensor:
     return F.pad(x2d, (0, 0, 0, short)) if short else x2d
 
 
-def _thin_linear(x2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _thin_linear(x2d: torch.Tensor, weight: torch.Tensor, exponent: int = 0) -> torch.Tensor:
     """x2d @ weight.T, by blocks of weight rows (see `_THIN_ROWS`)."""
     rows = x2d.shape[0]
     x2d = _padded_rows(x2d)
@@ -126,15 +138,15 @@ def _thin_linear(x2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if _THIN_LAYOUT == "input_left":
         out = torch.empty(x2d.shape[0], weight.shape[0], dtype=x2d.dtype)
         for i in starts:
-            torch.mm(x2d, _upcast(weight[i:i + step], x2d.dtype).t(), out=out[:, i:i + step])
+            torch.mm(x2d, _upcast(weight[i:i + step], x2d.dtype, exponent).t(), out=out[:, i:i + step])
         return out[:rows]
     out_t = torch.empty(weight.shape[0], x2d.shape[0], dtype=x2d.dtype)
     for i in starts:
-        torch.mm(_upcast(weight[i:i + step], x2d.dtype), x2d.t(), out=out_t[i:i + step])
+        torch.mm(_upcast(weight[i:i + step], x2d.dtype, exponent), x2d.t(), out=out_t[i:i + step])
     return out_t[:, :rows].t().contiguous()
 
 
-def _thin_linear_input_grad(grad2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _thin_linear_input_grad(grad2d: torch.Tensor, weight: torch.Tensor, exponent: int = 0) -> torch.Tensor:
     """grad2d @ weight, summed over the same blocks of weight rows."""
     rows = grad2d.shape[0]
     grad2d = _padded_rows(grad2d)
@@ -142,22 +154,23 @@ def _thin_linear_input_grad(grad2d: torch.Tensor, weight: torch.Tensor) -> torch
     if _THIN_LAYOUT == "input_left":
         grad = torch.zeros(grad2d.shape[0], weight.shape[1], dtype=grad2d.dtype)
         for i in starts:
-            grad.addmm_(grad2d[:, i:i + step], _upcast(weight[i:i + step], grad2d.dtype))
+            grad.addmm_(grad2d[:, i:i + step], _upcast(weight[i:i + step], grad2d.dtype, exponent))
         return grad[:rows]
     grad_t = torch.zeros(weight.shape[1], grad2d.shape[0], dtype=grad2d.dtype)
     for i in starts:
-        grad_t.addmm_(_upcast(weight[i:i + step], grad2d.dtype).t(), grad2d[:, i:i + step].t())
+        grad_t.addmm_(_upcast(weight[i:i + step], grad2d.dtype, exponent).t(), grad2d[:, i:i + step].t())
     return grad_t[:, :rows].t().contiguous()
 
 
 class _UpcastLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, exponent):
         ctx.save_for_backward(weight)
+        ctx.exponent = exponent
         x2d = x.reshape(-1, x.shape[-1])
         if not _thin_cpu(x2d.shape[0], weight, x.dtype):
-            return F.linear(x, _upcast(weight, x.dtype), bias)
-        out = _thin_linear(x2d, weight)
+            return F.linear(x, _upcast(weight, x.dtype, exponent), bias)
+        out = _thin_linear(x2d, weight, exponent)
         if bias is not None:
             out += bias
         return out.view(*x.shape[:-1], weight.shape[0])
@@ -166,11 +179,12 @@ class _UpcastLinear(torch.autograd.Function):
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None
+            return None, None, None, None
         grad2d = grad.reshape(-1, grad.shape[-1])
         if not _thin_cpu(grad2d.shape[0], weight, grad.dtype):
-            return grad.matmul(_upcast(weight, grad.dtype)), None, None
-        return _thin_linear_input_grad(grad2d, weight).view(*grad.shape[:-1], weight.shape[1]), None, None
+            return grad.matmul(_upcast(weight, grad.dtype, ctx.exponent)), None, None, None
+        grad_x = _thin_linear_input_grad(grad2d, weight, ctx.exponent)
+        return grad_x.view(*grad.shape[:-1], weight.shape[1]), None, None, None
 
 
 # oneDNN's CPU convolution is slow on small feature maps with many channels (a 1280-channel 3x3
@@ -205,7 +219,8 @@ _UNFOLD_MAX_PIXELS_BF16 = 64
 
 
 def _unfold_cpu(shape, weight: torch.Tensor, groups: int, dtype: torch.dtype) -> bool:
-    return (dtype == torch.bfloat16 and weight.dtype == dtype and groups == 1 and weight.device.type == "cpu"
+    # an fp8 weight is upcast to bf16 first (into the reused buffer), then takes the same GEMM
+    return (dtype == torch.bfloat16 and weight.dtype in (dtype, FP8) and groups == 1 and weight.device.type == "cpu"
             and shape[-1] * shape[-2] <= _UNFOLD_MAX_PIXELS_BF16 and not torch.compiler.is_compiling())
 
 
@@ -228,26 +243,27 @@ def _conv_input_grad_by_fold(shape, weight, grad, stride, padding, dilation):
 
 class _FrozenConv2d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, exponent):
         ctx.save_for_backward(weight)
-        ctx.conv = (x.shape, stride, padding, dilation, groups)
+        ctx.conv = (x.shape, stride, padding, dilation, groups, exponent)
         if _unfold_cpu(x.shape, weight, groups, x.dtype):
-            return _conv_by_unfold(x, weight, bias, stride, padding, dilation)
+            return _conv_by_unfold(x, _upcast(weight, x.dtype, exponent), bias, stride, padding, dilation)
         with _cpu_conv_path(x, "forward"):
-            return F.conv2d(x, _upcast(weight, x.dtype), bias, stride, padding, dilation, groups)
+            return F.conv2d(x, _upcast(weight, x.dtype, exponent), bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
-        shape, stride, padding, dilation, groups = ctx.conv
+        shape, stride, padding, dilation, groups, exponent = ctx.conv
         grad_x = None
         if ctx.needs_input_grad[0] and _unfold_cpu(shape, weight, groups, grad.dtype):
-            grad_x = _conv_input_grad_by_fold(shape, weight, grad, stride, padding, dilation)
+            grad_x = _conv_input_grad_by_fold(shape, _upcast(weight, grad.dtype, exponent), grad, stride, padding,
+                                              dilation)
         elif ctx.needs_input_grad[0]:
             with _cpu_conv_path(grad, "backward"):
-                grad_x = torch.nn.grad.conv2d_input(shape, _upcast(weight, grad.dtype), grad, stride, padding, dilation,
-                                                    groups)
-        return grad_x, None, None, None, None, None, None
+                grad_x = torch.nn.grad.conv2d_input(shape, _upcast(weight, grad.dtype, exponent), grad, stride, padding,
+                                                    dilation, groups)
+        return grad_x, None, None, None, None, None, None, None
 
 
 def _autocast_input(x: torch.Tensor) -> torch.Tensor:
@@ -258,25 +274,32 @@ def _autocast_input(x: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(torch.nn.Linear):
-    """A frozen Linear, its weight in half precision or already in the compute dtype; computes in
-    the input's dtype (autocast's under autocast), on CPU by weight-row blocks when the input has few rows."""
+    """A frozen Linear, its weight in half precision, in fp8 (times `2**-fp8_exponent`) or already in the
+    compute dtype; computes in the input's dtype (autocast's under autocast), on CPU by weight-row blocks
+    when the input has few rows."""
+
+    fp8_exponent = 0  # set per layer by `hold_in_fp8`: the held weight is `weight * 2**-fp8_exponent`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _autocast_input(x)
         if self.weight.dtype == x.dtype and not _thin_cpu(x.numel() // max(1, x.shape[-1]), self.weight, x.dtype):
             return F.linear(x, self.weight, self.bias)
-        return _UpcastLinear.apply(x, self.weight, self.bias)
+        return _UpcastLinear.apply(x, self.weight, self.bias, self.fp8_exponent)
 
 
 class Conv2d(torch.nn.Conv2d):
-    """A frozen Conv2d, its weight in half precision or already in the compute dtype; computes in the
-    input's dtype (autocast's under autocast), on CPU with the convolution path that suits the feature map's size."""
+    """A frozen Conv2d, its weight in half precision, in fp8 (times `2**-fp8_exponent`) or already in the
+    compute dtype; computes in the input's dtype (autocast's under autocast), on CPU with the convolution
+    path that suits the feature map's size."""
+
+    fp8_exponent = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _autocast_input(x)
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
-            return self._conv_forward(x, self.weight.to(x.dtype), self.bias)
-        return _FrozenConv2d.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            return self._conv_forward(x, dequantize(self.weight, self.fp8_exponent, x.dtype), self.bias)
+        return _FrozenConv2d.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                                   self.fp8_exponent)
 
 
 class Embedding(torch.nn.Embedding):
@@ -294,11 +317,13 @@ class Embedding(torch.nn.Embedding):
 _SWAPS = {torch.nn.Linear: Linear, torch.nn.Conv2d: Conv2d, torch.nn.Embedding: Embedding}
 
 
-def _swappable(layer: torch.nn.Module, compute_dtype: torch.dtype) -> Optional[type]:
+def _swappable(layer: torch.nn.Module, compute_dtype: torch.dtype, fp8: bool = False) -> Optional[type]:
     swap: Optional[type] = _SWAPS.get(type(layer))
     weight = getattr(layer, "weight", None)
     if swap is None or weight is None or weight.requires_grad:
         return None
+    if fp8 and swap is not Embedding and weight.is_floating_point():
+        return swap  # quantised whatever the file's dtype
     if weight.dtype in HALF or swap is not Embedding and weight.dtype == compute_dtype:
         return swap  # float32 Linear/Conv2d are swapped too, so both runs take the same CPU paths
     return None
@@ -328,13 +353,38 @@ def hold_in_half(module: torch.nn.Module, compute_dtype: torch.dtype = torch.flo
     parameter and buffer to `compute_dtype`; `module.dtype` (diffusers/transformers models) then
     reports `compute_dtype`. Returns the bytes the layers keep in half precision (0 when the weights
     were already in `compute_dtype`)."""
+    return _hold(module, compute_dtype, fp8=False)
+
+
+def hold_in_fp8(module: torch.nn.Module, compute_dtype: torch.dtype = torch.float32) -> int:
+    """As `hold_in_half`, but every frozen Linear/Conv2d weight (from any float dtype) is quantised to
+    float8_e4m3fn with a power-of-two scale (`library.models.fp8_weights`) and upcast per op to
+    `compute_dtype`. Embedding tables stay as `hold_in_half` keeps them (half precision, or the compute
+    dtype): sd-scripts keeps the text encoders' embeddings out of fp8 as well, and a looked-up row is
+    used as it is, with no later product to average its rounding out. Norms and biases (well under 1 %
+    of the weights) become `compute_dtype`: in fp8 they would shift every activation for nothing.
+    A weight that was a zero-copy map of the model file gives its resident pages back once quantised,
+    so the file's pages do not stay in memory beside the fp8 copy. Returns the bytes held in fp8 and
+    half precision."""
+    return _hold(module, compute_dtype, fp8=True)
+
+
+def _hold(module: torch.nn.Module, compute_dtype: torch.dtype, fp8: bool) -> int:
+    from library.models.safetensors_io import MappedPages
+
     kept = 0
-    for layer in module.modules():
-        swap = _swappable(layer, compute_dtype)
+    mapped = MappedPages() if fp8 else None
+    for name, layer in module.named_modules():
+        swap = _swappable(layer, compute_dtype, fp8)
         if swap is not None:
             layer.__class__ = swap
+            if fp8 and swap is not Embedding:
+                old = layer.weight.data
+                layer.weight.data, layer.fp8_exponent = quantize(old, f"{name}.weight")
+                mapped.release(old)
+                del old
             weight = layer.weight
-            if weight.dtype in HALF:
+            if weight.dtype in NARROW:
                 kept += weight.numel() * weight.element_size()
             if swap is Embedding:
                 layer.compute_dtype = compute_dtype
@@ -356,7 +406,12 @@ _HELD = (Linear, Conv2d, Embedding)
 
 
 def is_held_in_half(module: torch.nn.Module) -> bool:
-    return any(isinstance(m, _HELD) and m.weight.dtype in HALF for m in module.modules())
+    """Whether some frozen layer of `module` holds its weight narrower than it computes (half or fp8)."""
+    return any(isinstance(m, _HELD) and m.weight.dtype in NARROW for m in module.modules())
+
+
+def is_held_in_fp8(module: torch.nn.Module) -> bool:
+    return any(isinstance(m, _HELD) and m.weight.dtype == FP8 for m in module.modules())
 
 
 def uses_frozen_layers(module: torch.nn.Module) -> bool:
@@ -367,7 +422,7 @@ def uses_frozen_layers(module: torch.nn.Module) -> bool:
 def compute_dtype(module: torch.nn.Module) -> torch.dtype:
     """The dtype `module` computes in: its parameters' dtype, leaving out the weights held in half
     precision (inputs must come in this dtype; `next(module.parameters()).dtype` would say fp16)."""
-    held = {id(m.weight) for m in module.modules() if isinstance(m, _HELD) and m.weight.dtype in HALF}
+    held = {id(m.weight) for m in module.modules() if isinstance(m, _HELD) and m.weight.dtype in NARROW}
     for p in module.parameters():
         if p.is_floating_point() and id(p) not in held:
             return p.dtype

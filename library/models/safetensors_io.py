@@ -21,10 +21,13 @@ same way. `zero_copy=False` gives tensors that own their memory.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import mmap
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
@@ -187,6 +190,54 @@ def _map_private(path: str, f, header: SafetensorsHeader, names) -> "torch.Untyp
     if (now.st_dev, now.st_ino) != (ours.st_dev, ours.st_ino):
         return False  # replaced since it was opened: read the file the header came from
     return mapped
+
+
+class MappedPages:
+    """Gives the resident pages of zero-copy tensors back to the kernel once they are no longer used.
+
+    A weight converted after a zero-copy load (quantised to fp8, `library.models.frozen_weights`)
+    leaves its source's pages resident in the private map: they count in the process's RSS, beside
+    the converted copy, for as long as any tensor of the file lives. `release(tensor)` drops the
+    whole pages inside a tensor's bytes (MADV_DONTNEED). Only for a tensor that lies in a private map
+    of a file (read from /proc/self/maps when this object is made): a later read of a dropped page
+    would read the file again, not zeros. Elsewhere (ordinary memory, other systems) it does nothing.
+    The caller guarantees that nothing reads the tensor's values afterwards (a page changed in place
+    since the load would be lost)."""
+
+    _MADV_DONTNEED = 4
+
+    def __init__(self):
+        self.ranges = []
+        self._madvise = None
+        if not sys.platform.startswith("linux"):
+            return
+        try:
+            with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
+                for line in maps:
+                    fields = line.split()
+                    # address perms offset device inode [path]: private ('p'), backed by a file (inode)
+                    if len(fields) >= 6 and fields[1].endswith("p") and fields[4] != "0":
+                        start, end = (int(a, 16) for a in fields[0].split("-"))
+                        self.ranges.append((start, end))
+            libc = ctypes.CDLL(None, use_errno=True)
+            self._madvise = libc.madvise
+            self._madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        except (OSError, AttributeError, ValueError):
+            self.ranges = []
+
+    def release(self, tensor: torch.Tensor) -> int:
+        """Drop the pages of `tensor` if it is a mapped file's; the bytes given back (0 if none)."""
+        if not self.ranges or tensor.device.type != "cpu" or not tensor.is_contiguous() or not tensor.numel():
+            return 0
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        if not any(lo <= start and end <= hi for lo, hi in self.ranges):
+            return 0
+        page = mmap.PAGESIZE
+        first, last = -(-start // page) * page, end // page * page  # whole pages only: neighbours keep theirs
+        if last <= first or self._madvise(first, last - first, self._MADV_DONTNEED) != 0:
+            return 0
+        return last - first
 
 
 def save_tensors(tensors: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None) -> None:

@@ -44,6 +44,16 @@ class Task:
         (library/models/frozen_weights.py): only when nothing computes with their weight directly."""
         return True
 
+    def fp8_base_refusal(self, args) -> Optional[str]:
+        """Why --fp8_base / --fp8_base_unet cannot apply to this task's run (None: they can). fp8 holds
+        frozen Linear/Conv2d weights (library/models/fp8_weights.py), which only the layers' own
+        forward may read: a task that trains the U-Net, or computes with a frozen weight directly, refuses."""
+        return None
+
+    def merge_base_weights(self, models, args, precision) -> None:
+        """Merge weights into the frozen base model as loaded (on the CPU, before frozen layers are
+        held, e.g. in fp8): the network task's --base_weights."""
+
     def needs_vae_after_caching(self, args) -> bool:
         """Whether the VAE must stay loaded once every latent is cached: for sample images, or for
         a task that saves it."""

@@ -273,6 +273,13 @@ class FullModelTask(Task):
     def trains_unet(self) -> bool:
         return self.unet_lr is not None
 
+    def fp8_base_refusal(self, args) -> Optional[str]:
+        if not self.trains_unet():
+            return None  # a frozen U-Net (learning rate 0) may be held in fp8 like any frozen part
+        script = {"db": "train_db.py", "fine_tune": "fine_tune.py", "sdxl": "sdxl_train.py"}[self.script]
+        return (f"{script} trains the U-Net's own weights, and fp8 holds only frozen ones (sd-scripts reads the flag "
+                "in train_network.py only); drop the flag, or train a LoRA with --fp8_base")
+
     def trains_text_encoder(self, index: int) -> bool:
         return index < len(self.te_active) and self.te_active[index]
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
 from library.errors import UserError
 from library.models.text_encoder_view import plugin_text_encoders
-from library.training.train_args import parse_network_args
+from library.training.train_args import fp8_flag, parse_network_args
 from library.training.run import Run, Task
 
 logger = logging.getLogger(__name__)
@@ -93,14 +93,40 @@ class NetworkTask(Task):
         # tensor in its own dtype, so they get float32 base weights
         return args.network_module.startswith("networks.")
 
+    def fp8_base_refusal(self, args) -> Optional[str]:
+        # ours and LyCORIS in bypass mode only call the base layer; LyCORIS otherwise adds its
+        # update to the base weight tensor, which in fp8 would round the update away
+        if args.network_module.startswith("networks."):
+            return None
+        if args.network_module != "lycoris.kohya":
+            return (f"--network_module {args.network_module} may compute with the base weights directly, which fp8 "
+                    "holds scaled; fp8 works with networks.* modules and lycoris.kohya")
+        kwargs = parse_network_args(args.network_args)
+        if (kwargs.get("algo") or "lora").lower() == "full":
+            return "LyCORIS algo=full trains the whole base weight, which fp8 cannot hold; drop the flag"
+        if str(kwargs.get("dora_wd", False)).lower() != "false":
+            return "LyCORIS dora_wd=True normalises the full base weight each step; drop dora_wd or the flag"
+        if str(kwargs.get("bypass_mode", True)).lower() == "false":
+            return ("LyCORIS needs bypass_mode=True with fp8 base weights (it otherwise adds its update to the fp8 "
+                    "weight); drop bypass_mode=False")
+        return None
+
+    def _network_kwargs(self, args) -> dict:
+        kwargs = parse_network_args(args.network_args)
+        if fp8_flag(args) and args.network_module == "lycoris.kohya" and "bypass_mode" not in kwargs:
+            # y = base(x) + ΔW·x: the same output as adding ΔW to the weight, without touching it
+            logger.info("%s: LyCORIS runs in bypass mode (bypass_mode=True)", fp8_flag(args))
+            kwargs["bypass_mode"] = "True"
+        return kwargs
+
     def trains_text_encoder(self, index: int) -> bool:
         return self.train_text_encoder
 
     def trains_unet(self) -> bool:
         return self.train_unet
 
-    def _text_encoder_arg(self, run: Run):
-        return plugin_text_encoders(run.args.network_module, run.models.text_encoders)
+    def _text_encoder_arg(self, models, args):
+        return plugin_text_encoders(args.network_module, models.text_encoders)
 
     def _import_module(self, name: str):
         try:
@@ -109,35 +135,37 @@ class NetworkTask(Task):
             hint = " (pip install -e .[lycoris])" if name.startswith("lycoris") else ""
             raise UserError(f"--network_module {name}: cannot import it ({e}){hint}") from None
 
-    def _merge_base_weights(self, run: Run, te) -> None:
-        """--base_weights, merged before the network is made. LoRA and LyCORIS files go through
-        `library.models.network_merge` (one formula for every tool; lycoris-lora's own merge_to scales
-        LoKr and LoHa changes twice); other files through the plugin's merge_to."""
+    def merge_base_weights(self, models, args, precision) -> None:
+        """--base_weights, merged on the CPU before the frozen weights are held (fp8 included) and before
+        the network is made. LoRA and LyCORIS files go through `library.models.network_merge` (one formula
+        for every tool; lycoris-lora's own merge_to scales LoKr and LoHa changes twice); other files
+        through the plugin's merge_to."""
+        if not args.base_weights:
+            return
         from library.models import checkpoint_io, network_merge
         from library.models.network_deltas import group_modules
 
-        args, models = run.args, run.models
-        for i, path in enumerate(args.base_weights or []):
+        te = self._text_encoder_arg(models, args)
+        for i, path in enumerate(args.base_weights):
             multiplier = args.base_weights_multiplier[i] if args.base_weights_multiplier else 1.0
             weights = checkpoint_io.read_checkpoint(path).tensors
             if network_merge.understands(group_modules(weights)):
                 network_merge.merge_into_models(weights, models.text_encoders, models.unet, multiplier, path,
                                                 models.family.title)
             else:
-                net, sd = self.module.create_network_from_weights(multiplier, path, models.vae, te, models.unet,
-                                                                  weights_sd=weights, for_inference=True)
-                net.merge_to(te, models.unet, sd, run.precision.weight_dtype, run.device)
+                module = self._import_module(args.network_module)
+                net, sd = module.create_network_from_weights(multiplier, path, models.vae, te, models.unet,
+                                                             weights_sd=weights, for_inference=True)
+                net.merge_to(te, models.unet, sd, precision.weight_dtype, "cpu")  # where the weights are, as sd-scripts does
             logger.info("merged base weights %s (multiplier %s)", path, multiplier)
 
     def setup(self, run: Run) -> None:
         args = run.args
         models = run.models
         self.network_dim = args.network_dim
-        te = self._text_encoder_arg(run)
+        te = self._text_encoder_arg(models, args)
         self.module = self._import_module(args.network_module)
-        kwargs = parse_network_args(args.network_args)
-
-        self._merge_base_weights(run, te)
+        kwargs = self._network_kwargs(args)
 
         if args.dim_from_weights:
             self.network, _ = self.module.create_network_from_weights(1.0, args.network_weights, models.vae, te, models.unet, **kwargs)

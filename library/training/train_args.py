@@ -128,7 +128,10 @@ def add_training_arguments(parser: argparse.ArgumentParser, support_dreambooth: 
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="mixed precision")
     g.add_argument("--full_fp16", action="store_true", help="train with fp16 weights and gradients")
     g.add_argument("--full_bf16", action="store_true", help="train with bf16 weights and gradients")
-    g.add_argument("--fp8_base", action="store_true", help="keep the frozen base model in fp8 (CUDA)")
+    g.add_argument("--fp8_base", action="store_true",
+                   help="hold the frozen U-Net's and text encoders' Linear/Conv2d weights in float8_e4m3fn (scaled "
+                        "per tensor), upcast per layer to the compute dtype: half the memory of fp16/bf16 weights; "
+                        "CUDA and CPU; network training and textual inversion (not full fine-tuning)")
     g.add_argument("--ddp_timeout", type=int, default=None, help="distributed timeout in minutes")
     g.add_argument("--ddp_gradient_as_bucket_view", action="store_true",
                    help="DDP option; refused (gradients are averaged without DDP, docs/refused-options.md)")
@@ -195,7 +198,8 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--unet_lr", type=float, default=None, help="U-Net learning rate (default --learning_rate)")
     g.add_argument("--text_encoder_lr", type=float, nargs="*", default=None,
                    help="text-encoder learning rate(s) (default --learning_rate)")
-    g.add_argument("--fp8_base_unet", action="store_true", help="keep only the base U-Net in fp8 (CUDA)")
+    g.add_argument("--fp8_base_unet", action="store_true",
+                   help="as --fp8_base, for the U-Net only: the text encoders keep their usual dtype")
     g.add_argument("--network_weights", type=str, default=None, help="start from these network weights")
     g.add_argument("--network_module", type=str, default="networks.lora",
                    help="network module: networks.lora, networks.dylora, networks.lora_fa, lycoris.kohya, ...")
@@ -211,6 +215,14 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--base_weights", type=str, nargs="*", default=None, help="networks merged into the model first")
     g.add_argument("--base_weights_multiplier", type=float, nargs="*", default=None, help="their multipliers (default 1)")
     g.add_argument("--network_multiplier", type=float, default=1.0, help="multiplier of the trained network")
+
+
+def fp8_flag(args) -> Optional[str]:
+    """The fp8 flag a run sets ("--fp8_base_unet" wins: U-Net only), or None; read by the trainer,
+    which holds those frozen weights in fp8 (library/models/fp8_weights.py)."""
+    if getattr(args, "fp8_base_unet", False):
+        return "--fp8_base_unet"
+    return "--fp8_base" if getattr(args, "fp8_base", False) else None
 
 
 def parse_network_args(items) -> Dict[str, str]:

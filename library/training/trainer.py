@@ -23,6 +23,7 @@ import torch
 from library.errors import UserError
 from library.training.grad_sync import average_gradients
 from library.training.run import Run, Task, step_generator
+from library.training.train_args import fp8_flag
 from library.training.step_loss import micro_step_loss
 from library.training.validation import Validator
 
@@ -98,13 +99,27 @@ def _frozen_parts(args, precision, device: torch.device, trained_parts: dict, ta
     return [], []
 
 
-def _hold_frozen(models, parts: list, compute_dtype: torch.dtype) -> None:
-    from library.models.frozen_weights import hold_in_half
+def _fp8_parts(args, trained_parts: dict) -> list:
+    """The parts whose frozen Linear/Conv2d weights are held in fp8: the U-Net, and with --fp8_base
+    (without --fp8_base_unet) the text encoders too, as sd-scripts' train_network.py does."""
+    flag = fp8_flag(args)
+    if flag is None:
+        return []
+    parts = ["unet"] + (["text_encoder", "text_encoder_2"] if flag == "--fp8_base" else [])
+    return [part for part in parts if part not in trained_parts]
+
+
+def _hold_frozen(models, parts: list, compute_dtype: torch.dtype, fp8: bool = False) -> None:
+    from library.models.frozen_weights import hold_in_fp8, hold_in_half
 
     modules = {"unet": models.unet, "vae": models.vae}
     modules.update({spec.diffusers_subfolder: te for spec, te in zip(models.family.text_encoders, models.text_encoders)})
-    kept = sum(hold_in_half(modules[part], compute_dtype) for part in parts if part in modules)
-    if kept and compute_dtype == torch.float32:
+    hold = hold_in_fp8 if fp8 else hold_in_half
+    kept = sum(hold(modules[part], compute_dtype) for part in parts if part in modules)
+    if fp8 and parts:
+        logger.info("frozen %s weights held in float8_e4m3fn (%.2f GiB with the embeddings), computed in %s",
+                    "/".join(part for part in parts if part in modules), kept / 2**30, str(compute_dtype).split(".")[-1])
+    elif kept and compute_dtype == torch.float32:
         logger.info("frozen weights kept in the checkpoint's half precision (%.2f GiB), computed in float32", kept / 2**30)
 
 
@@ -125,6 +140,8 @@ def prepare_run(args, task: Task):
     from library.training.train_math import LossSettings, NoiseSettings
 
     task.validate_args(args)
+    if fp8_flag(args) and task.fp8_base_refusal(args):
+        raise UserError(f"{fp8_flag(args)}: {task.fp8_base_refusal(args)}")
     seed = _run_seed(args)
     if args.validation_seed is None:
         args.validation_seed = seed  # every process, and a resumed run, holds out the same images
@@ -158,8 +175,10 @@ def prepare_run(args, task: Task):
     trained_parts = task.load_dtypes(precision)
     part_dtypes.update(trained_parts)
     frozen_in_file_dtype, held = _frozen_parts(args, precision, device, trained_parts, task)
-    for part in frozen_in_file_dtype:
-        part_dtypes[part] = None  # None: the file's own dtype
+    fp8_parts = _fp8_parts(args, trained_parts)
+    held = [part for part in held if part not in fp8_parts]
+    for part in frozen_in_file_dtype + fp8_parts:
+        part_dtypes[part] = None  # None: the file's own dtype (fp8 parts are quantised from it)
     models = load_models(
         args.pretrained_model_name_or_path,
         v2=True if getattr(args, "v2", False) else None,
@@ -178,7 +197,9 @@ def prepare_run(args, task: Task):
     tokenizers = load_tokenizers(family, args.pretrained_model_name_or_path, args.tokenizer_cache_dir)
     for module in [models.unet, models.vae, *models.text_encoders]:
         _freeze(module)
+    task.merge_base_weights(models, args, precision)  # into the weights as loaded, before any is held
     _hold_frozen(models, held, precision.weight_dtype)
+    _hold_frozen(models, fp8_parts, precision.weight_dtype, fp8=True)
     if args.no_half_vae or precision.weight_dtype == torch.float16 and family.is_sdxl:
         models.vae.to(torch.float32)
     models.unet.to(device)
