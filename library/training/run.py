@@ -27,6 +27,9 @@ class Task:
     sdxl: Optional[bool] = None  # True for sdxl_* scripts, False for SD1/SD2 scripts
     artifact_ext = ".safetensors"
     saves_vae = False  # whether the files it writes hold the VAE
+    # with --masked_loss, ControlNet subsets' conditioning images weight the loss (their red channel);
+    # a task that feeds them to the model as hints sets this False
+    conditioning_images_are_masks = True
 
     def validate_args(self, args) -> None:
         pass
