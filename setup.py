@@ -24,6 +24,7 @@ BASE = [
     "schedulefree==1.4.1",
     "lion-pytorch==0.2.5",
     "tensorboard==2.21.0",
+    "opencv-python-headless==4.14.0.94",  # tools/canny.py
 ]
 
 setup(

@@ -29,8 +29,6 @@ REFUSED = {
        for dest, feature in {
            "from_module": "prompter modules",
            "control_net_models": "ControlNet",
-           "control_net_lllite_models": "ControlNet-LLLite",
-           "guide_image_path": "ControlNet guide images",
            "clip_vision_strength": "CLIP Vision conditioning",
            "highres_fix_upscaler": "upscaler modules",
            "ds_depth_1": "Deep Shrink",

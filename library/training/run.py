@@ -30,6 +30,8 @@ class Task:
     # with --masked_loss, ControlNet subsets' conditioning images weight the loss (their red channel);
     # a task that feeds them to the model as hints sets this False
     conditioning_images_are_masks = True
+    # `load_dataset_config` keywords: which dataset kinds the trainer accepts (default: its flags decide)
+    dataset_support: Dict[str, bool] = {}
 
     def validate_args(self, args) -> None:
         pass
@@ -91,8 +93,16 @@ class Task:
     def unet_extra_kwargs(self, run: "Run", batch: dict) -> dict:
         return {}
 
+    def before_unet(self, run: "Run", batch: dict) -> None:
+        """Right before the U-Net runs on `batch` (training and validation): e.g. hand a control
+        network the batch's hint images."""
+
     def sampling_networks(self) -> list:
         """Trainable modules to hold in eval mode while sample images are made."""
+        return []
+
+    def sampling_control_nets(self) -> list:
+        """Control networks that sample images steer with each prompt's guide image (`--cn`)."""
         return []
 
     def prompt_replacements(self) -> Optional[dict]:

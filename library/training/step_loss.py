@@ -56,6 +56,7 @@ def micro_step_loss(run: Run, task: Task, batch: dict, generator: torch.Generato
     cond = _conditioning(run, batch, task)
     noise, noisy, timesteps = forward_process(run.noise_scheduler, latents, run.noise_settings, generator, timesteps)
     kwargs = task.unet_extra_kwargs(run, batch)
+    task.before_unet(run, batch)
     if run.family.is_sdxl:
         time_ids = torch.cat([batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]], dim=1)
         kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled.to(run.device), "time_ids": time_ids.to(run.device)}
