@@ -150,10 +150,15 @@ def test_bad_input_is_one_line_before_any_model_loads(tiny_checkpoint, data, tmp
     partial = tmp_path / "hints"
     shutil.copytree(data / "hints", partial)
     os.remove(partial / "coffee.png")
+    resized = tmp_path / "resized"
+    shutil.copytree(data / "hints", resized)
+    Image.open(resized / "rocket.png").resize((64, 48)).save(resized / "rocket.png")
     no_model = str(tmp_path / "not-loaded.safetensors")  # would fail if anything tried to load it
     cases = [
         (lllite_args(no_model, data, tmp_path / "o") + ["--conditioning_data_dir", str(partial)],
          "1 image.* have no conditioning image: coffee.png"),
+        (lllite_args(no_model, data, tmp_path / "o") + ["--conditioning_data_dir", str(resized)],
+         "rocket.png: conditioning image is 64x48 but rocket.png is 64x64"),
         (lllite_args(tiny_checkpoint("sd1"), data, tmp_path / "o"), "is a Stable Diffusion 1.x model; ControlNet-LLLite"),
         (lllite_args(no_model, data, tmp_path / "o") + ["--random_crop"], "^--random_crop: not supported"),
         (lllite_args(no_model, data, tmp_path / "o") + ["--alpha_mask"], "^--alpha_mask: "),
