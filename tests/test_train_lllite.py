@@ -170,5 +170,5 @@ def test_bad_input_is_one_line_before_any_model_loads(tiny_checkpoint, data, tmp
             train(argv)
         assert "\n" not in str(caught.value)
     # the dataset check knows the ControlNet pairs without loading the model
-    assert train(lllite_args(no_model, data, tmp_path / "o") + ["--dataset_check"]) == 0
+    assert train(without(lllite_args(no_model, data, tmp_path / "o"), "--cond_emb_dim") + ["--dataset_check"]) == 0
     assert "ControlNet" in capsys.readouterr().out

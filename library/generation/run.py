@@ -3,9 +3,9 @@
 `run_from_args` takes the parsed arguments (library/generation/args.py), reads the `--image_path` /
 `--mask_path` images, builds the engine (library/generation/loading.py) and feeds it the prompt entries
 (library/generation/prompt_options.py). `CommandLineRun` turns each entry into one job per image (seed, dynamic
-prompt, init image and mask resized to the batch size, ControlNet-LLLite guide images in turn), starts
-a new batch when the settings change
-or the batch is full, and saves every image as a PNG with its settings (library/generation/png_info.py).
+prompt, init image and mask resized to the batch size, ControlNet-LLLite guide images in turn), starts a
+new batch when the settings change or the batch is full, and saves every image as a PNG with its
+settings (library/generation/png_info.py).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """What a training run holds (`Run`) and what a task supplies to the loop (`Task`).
 
 `library.training.trainer` builds one `Run` per training run and drives a `Task` (network, full
-model, embedding) through the hooks below; `step_generator` is the seeding rule that makes a
-resumed run replay an uninterrupted one.
+model, embedding, ControlNet-LLLite) through the hooks below; `step_generator` is the seeding rule
+that makes a resumed run replay an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ class Task:
 
     Subclasses override the hooks below; the loop calls them in this order: `validate_args`,
     `check_data` (before any model loads), `load_dtypes`, `setup`, `configure_dataset`,
-    `param_groups`, `wrap_optimizer`, then per step `before_step` / `after_step`, and `save` at
-    save points.
+    `param_groups`, `wrap_optimizer`, then per step `before_step`, `before_unet` (inside the loss,
+    also for validation) and `after_step`, and `save` at save points.
     """
 
     name = "task"

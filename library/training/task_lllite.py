@@ -52,13 +52,15 @@ class LLLiteTask(Task):
 
     def validate_args(self, args) -> None:
         self._save_as = args.save_model_as or "safetensors"
-        if not args.output_dir:
-            raise UserError("--output_dir is required")
         if args.random_crop:
             raise UserError("--random_crop: not supported by ControlNet-LLLite training (the hint image must stay "
                             "aligned with its image); remove the flag")
         if args.alpha_mask:
             raise UserError("--alpha_mask: ControlNet-LLLite trains without a loss mask; remove the flag")
+        if args.dataset_check:
+            return  # only the data is looked at
+        if not args.output_dir:
+            raise UserError("--output_dir is required")
         if args.network_weights is None:
             for flag in ("cond_emb_dim", "network_dim"):
                 if getattr(args, flag) is None:
