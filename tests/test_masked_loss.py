@@ -142,3 +142,15 @@ def test_alpha_masks_still_weight_the_loss(tiny_checkpoint, tmp_path):
     loss, _, _, batch = step_loss_and_parts(run, task)
     assert "alpha_masks" in batch and "conditioning_images" not in batch
     assert loss == 0.0  # a fully transparent image trains nothing
+
+
+def test_cache_tool_fills_the_entries_masked_training_reads(tiny_checkpoint, mask_dataset):
+    from tools import cache_latents
+
+    root, config, mask_path = mask_dataset
+    model = tiny_checkpoint("sd1")
+    write_mask(mask_path, 255, 0)
+    cache_latents.main(["--pretrained_model_name_or_path", model, "--dataset_config", config, "--masked_loss",
+                        "--flip_aug"])
+    run, _ = prepared_run(model, config, str(root / "out"), "--cache_latents_to_disk", "--flip_aug")
+    assert (run.latent_cache.stats.hits, run.latent_cache.stats.encoded) == (2, 0)

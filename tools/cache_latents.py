@@ -6,7 +6,9 @@
 Use the same model, VAE, precision and dataset flags (or --dataset_config) as the training run: the
 cache is keyed on image contents, crop, flip and VAE weights, so the run then finds every entry and
 encodes nothing. Entries already cached and intact are skipped (`--skip_existing` is accepted for
-compatibility; skipping is always on). Only the VAE is read from the checkpoint.
+compatibility; skipping is always on). Only the VAE is read from the checkpoint. With --masked_loss,
+ControlNet subsets (conditioning_data_dir: loss masks, ControlNet-LLLite hints) are cached with their
+conditioning images, as the masked-loss and LLLite trainers read them.
 """
 
 import argparse
@@ -18,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from library.cli import run  # noqa: E402
 from library.data.flags import add_config_arguments, add_dataset_arguments  # noqa: E402
 from library.caching.settings import add_cache_arguments  # noqa: E402
+from library.training.train_args import add_masked_loss_arguments  # noqa: E402
 
 DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -44,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataset_arguments(p, support_dreambooth=True, support_caption=True, support_caption_dropout=True)
     add_config_arguments(p)
     add_cache_arguments(p, support_text_encoder_caching=False, trainer=False)
+    # ControlNet subsets (loss masks, LLLite hints): their conditioning images are cached with the latents
+    add_masked_loss_arguments(p)
     return p
 
 
