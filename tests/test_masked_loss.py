@@ -154,3 +154,31 @@ def test_cache_tool_fills_the_entries_masked_training_reads(tiny_checkpoint, mas
                         "--flip_aug"])
     run, _ = prepared_run(model, config, str(root / "out"), "--cache_latents_to_disk", "--flip_aug")
     assert (run.latent_cache.stats.hits, run.latent_cache.stats.encoded) == (2, 0)
+
+
+def test_masks_from_the_command_line_with_dreambooth_folders(tiny_checkpoint, tmp_path):
+    """--train_data_dir with `<repeats>_<name>` folders and --conditioning_data_dir: masks by base name."""
+    import skimage.data
+
+    from library.errors import UserError
+    from library.training.script_parsers import network_parser
+    from library.training.task_network import NetworkTask
+    from library.training.train_args import parse_args
+    from library.training.trainer import prepare_run
+
+    folder, masks = tmp_path / "img" / "2_astronaut", tmp_path / "masks"
+    folder.mkdir(parents=True)
+    masks.mkdir()
+    Image.fromarray(skimage.data.astronaut()).resize((SIZE, SIZE)).save(folder / "astronaut.png")
+    (folder / "astronaut.txt").write_text("an astronaut", encoding="utf-8")
+    write_mask(masks / "astronaut.png", 0, 0)
+    argv = ["--pretrained_model_name_or_path", tiny_checkpoint("sd1"), "--train_data_dir", str(tmp_path / "img"),
+            "--conditioning_data_dir", str(masks), "--resolution", str(SIZE), "--caption_extension", ".txt",
+            "--output_dir", str(tmp_path / "out"), "--network_module", "networks.lora", "--max_train_steps", "1"]
+    task = NetworkTask(sdxl=False)
+    run = prepare_run(parse_args(network_parser(sdxl=False, description=""), argv + ["--masked_loss"]), task)
+    assert len(run.dataset) == 1 and run.dataset.num_batches() == 2  # 2 repeats
+    loss, _, _, batch = step_loss_and_parts(run, task)
+    assert batch["captions"] == ["an astronaut"] and loss == 0.0
+    with pytest.raises(UserError, match="^--conditioning_data_dir: mask images are used with --masked_loss"):
+        prepare_run(parse_args(network_parser(sdxl=False, description=""), argv), NetworkTask(sdxl=False))
