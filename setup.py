@@ -32,6 +32,7 @@ BASE = [
     "lion-pytorch==0.2.5",
     "tensorboard==2.21.0",
     ONNXRUNTIME,
+    "opencv-python-headless==4.14.0.94",  # tools/canny.py
 ]
 
 setup(

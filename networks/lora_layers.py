@@ -1,6 +1,9 @@
-"""LoRA adapter layers: the math of one adapted Linear/Conv2d, apart from how modules are chosen.
+"""Adapter layers: how an adapter attaches to a base Linear/Conv2d, and the LoRA math of one layer.
 
-A layer holds `lora_down`, `lora_up` (nn.Linear / nn.Conv2d without bias, so state-dict keys are
+`AdapterPatch` is the one way the project injects adapters: it patches the *instance* `forward` of
+the base module (LoRA and its family here, ControlNet-LLLite in networks/control_net_lllite.py).
+
+A LoRA layer holds `lora_down`, `lora_up` (nn.Linear / nn.Conv2d without bias, so state-dict keys are
 `lora_down.weight` / `lora_up.weight` as in every LoRA file), an `alpha` buffer, the multiplier and
 the dropouts. `apply_to()` patches the *instance* `forward` of the base module instead of replacing
 the module in its parent: the base model keeps its own module tree and state-dict keys, and the
@@ -23,8 +26,43 @@ from library.models.network_deltas import fit_shape, lora_delta  # noqa: F401 - 
 from networks.lora_names import CONV_CLASSES
 
 
-class LoRAModule(torch.nn.Module):
-    """Common part of every adapter: alpha/scale, multiplier, dropouts, patching, merging.
+class AdapterPatch(torch.nn.Module):
+    """An adapter attached to one base module by patching that module's instance `forward`.
+
+    The base module stays in its model's module tree (its state-dict keys do not change) and is held
+    here in a plain list, not as a child, so the adapter's state dict holds only its own tensors. A
+    subclass's `forward(x, ...)` calls `self.org_forward` (the base module's forward, or the adapter
+    patched before it) and changes its input or output. Frozen layers swapped by
+    library/models/frozen_weights.py keep their class names and take part like plain ones.
+    """
+
+    def __init__(self, org_module: torch.nn.Module):
+        super().__init__()
+        self._org = [org_module]  # a list: not a registered child, so no org keys in our state dict
+        self.org_forward = None
+
+    @property
+    def org_module(self) -> torch.nn.Module:
+        return self._org[0]
+
+    def apply_to(self) -> None:
+        if self.org_forward is not None:
+            return
+        self.org_forward = self.org_module.forward
+        self.org_module.forward = self.forward
+
+    def unapply(self) -> None:
+        """Give the base module its own forward back (every adapter patched onto it is detached)."""
+        if self.org_forward is None:
+            return
+        # The instance attribute is what we added; removing it restores the class's forward.
+        if self.org_module.__dict__.get("forward") is not None:
+            del self.org_module.forward
+        self.org_forward = None
+
+
+class LoRAModule(AdapterPatch):
+    """Common part of every LoRA adapter: alpha/scale, multiplier, dropouts, merging.
 
     Subclasses create the factor parameters (`_build`) and may change which factors the forward
     uses (`forward_factors`) - DyLoRA truncates ranks there.
@@ -33,7 +71,7 @@ class LoRAModule(torch.nn.Module):
     def __init__(self, lora_name: str, org_module: torch.nn.Module, multiplier: float = 1.0,
                  lora_dim: int = 4, alpha: Optional[float] = 1.0, dropout: Optional[float] = None,
                  rank_dropout: Optional[float] = None, module_dropout: Optional[float] = None):
-        super().__init__()
+        super().__init__(org_module)
         self.lora_name = lora_name
         self.lora_dim = int(lora_dim)
         self.is_conv = type(org_module).__name__ in CONV_CLASSES
@@ -53,8 +91,6 @@ class LoRAModule(torch.nn.Module):
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
         self.enabled = True
-        self._org = [org_module]  # a list: not a registered child, so no org keys in our state dict
-        self.org_forward = None
         self._build()
 
     # --- parameters --------------------------------------------------------------------------
@@ -101,27 +137,6 @@ class LoRAModule(torch.nn.Module):
                 state_dict[key] = fit_shape(state_dict[key], own.shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.scale = float(self.alpha) / self.lora_dim
-
-    # --- patching ----------------------------------------------------------------------------
-
-    @property
-    def org_module(self) -> torch.nn.Module:
-        return self._org[0]
-
-    def apply_to(self) -> None:
-        if self.org_forward is not None:
-            return
-        self.org_forward = self.org_module.forward
-        self.org_module.forward = self.forward
-
-    def unapply(self) -> None:
-        """Give the base module its own forward back."""
-        if self.org_forward is None:
-            return
-        # The instance attribute is what we added; removing it restores the class's forward.
-        if self.org_module.__dict__.get("forward") is not None:
-            del self.org_module.forward
-        self.org_forward = None
 
     # --- forward -----------------------------------------------------------------------------
 

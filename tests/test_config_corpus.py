@@ -113,9 +113,10 @@ def test_dreambooth_toml_with_lora_only_keys(tiny_checkpoint, data, tmp_path, ca
         assert train_db.main(["--config_file", cfg]) == 0
     [line] = warnings_of(caplog, "name no option of")
     assert line.endswith("dreambooth_lora_keys.toml: ignoring 7 keys that name no option of train_db.py, as sd-scripts "
-                         "does: options of train_network.py, sdxl_train_network.py: network_module, network_dim, "
+                         "does: options of train_network.py, sdxl_train_network.py: network_module, "
                          "network_alpha, unet_lr, text_encoder_lr, scale_weight_norms, training_comment; "
-                         "--config_strict makes this an error")
+                         "options of train_network.py, sdxl_train_network.py, sdxl_train_control_net_lllite.py: "
+                         "network_dim; --config_strict makes this an error")
     assert os.path.isfile(out / "db.safetensors")
     with pytest.raises(UserError, match=r"7 keys name no option of train_db.py: .* \(--config_strict\)$"):
         train_db.main(["--config_file", cfg, "--config_strict"])

@@ -161,7 +161,8 @@ learning_rate = 2e-6
     assert "8 keys that name no option of train_db.py" in line
     assert "kohya_ss GUI settings: epoch (" in line and "noise_offset_type (" in line
     assert "lr_restart_cycles (use lr_scheduler_num_cycles)" in line
-    assert "options of train_network.py, sdxl_train_network.py: network_dim, scale_weight_norms;" in line
+    assert "options of train_network.py, sdxl_train_network.py: scale_weight_norms;" in line
+    assert "options of train_network.py, sdxl_train_network.py, sdxl_train_control_net_lllite.py: network_dim;" in line
     assert "unknown: learning_rat (did you mean learning_rate?), zzz_unheard_of" in line
     assert "SD3/FLUX scripts: clip_l" in line
     assert "--config_strict" in line

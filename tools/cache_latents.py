@@ -7,7 +7,9 @@ Pass the training run's own command line or --config_file (as with sd-scripts' t
 option is accepted; those that do not change the cache are named in one line and ignored): the cache
 is keyed on image contents, crop, flip and VAE weights, so the run then finds every entry and
 encodes nothing. Entries already cached and intact are skipped (`--skip_existing` is accepted for
-compatibility; skipping is always on). Only the VAE is read from the checkpoint.
+compatibility; skipping is always on). Only the VAE is read from the checkpoint. With --masked_loss,
+ControlNet subsets (conditioning_data_dir: loss masks, ControlNet-LLLite hints) are cached with their
+conditioning images, as the masked-loss and LLLite trainers read them.
 """
 
 import argparse

@@ -6,6 +6,9 @@ Every entry is named by a key, the sha256 of everything its value depends on:
   and inode, so unchanged files are not re-read on later runs);
 * the crop plan (original size, resized size, bucket, left, top), the flip flag, and whether an
   alpha mask is stored with it;
+* for a ControlNet subset's image, the content hash of its conditioning image (a loss mask with
+  `--masked_loss`, or a ControlNet-LLLite hint), which the entry stores resized, cropped and flipped
+  like the image: editing a mask gives a new key, so a stale mask is never trained on;
 * the **VAE identity**: sha256 of the names, dtypes, shapes and bytes of every encoder-side VAE
   tensor (`encoder.*`, `quant_conv.*`; the decoder does not affect latents), computed once per run;
 * the storage dtype and `PIXEL_PIPELINE_VERSION` (bump it when `image_transforms` changes pixels).
@@ -17,7 +20,7 @@ caches `latent_dist.sample()`; the noise comes from a generator seeded by the ke
 key always holds the same numbers.
 
 On disk each entry is one small safetensors file (`latents` [C,h,w], optional `alpha_mask` [H,W]
-uint8; metadata: format, key, image path, crop, CRC32 of the data) at
+uint8, optional `conditioning` [3,H,W] uint8; metadata: format, key, image path, crop, CRC32 of the data) at
 `<root>/latents/<key[:2]>/<key>.safetensors`. `<root>` is `--cache_dir`, or by default a
 `.sdtrain_cache` folder inside each image's folder. Before encoding, existing entries get a header
 check (format, key, tensor shapes, file size; `--skip_cache_check`: existence only); every read
@@ -82,6 +85,14 @@ def sample_noise(key: str, shape: tuple):
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
+def _entry(latents, mask_u8, hint_u8) -> LatentEntry:
+    """An entry as stored (uint8 mask and conditioning image) → the values a batch uses."""
+    from library.data.image_transforms import unit_range
+
+    return LatentEntry(latents, None if mask_u8 is None else mask_u8.float() / 255,
+                       None if hint_u8 is None else unit_range(hint_u8))
+
+
 def _wait_all(futures: list) -> None:
     for future in futures:
         future.result()  # re-raises a failed write here
@@ -95,25 +106,29 @@ class LatentSample(NamedTuple):
     """One training sample's pixels: an image, how it is resized and cropped, flipped or not.
 
     alpha_mask: also store the sample's alpha mask (masked-loss training).
+    conditioning: path of the sample's conditioning image, stored with the latents (same crop and flip).
     """
 
     path: str
     plan: CropPlan
     flip: bool = False
     alpha_mask: bool = False
+    conditioning: Optional[str] = None
 
 
 class LatentEntry(NamedTuple):
     latents: Any  # (C, h, w) unscaled, storage dtype
     alpha_mask: Any = None  # (H, W) float32 in [0, 1], when the sample asked for it
+    conditioning: Any = None  # (3, H, W) float32 in [-1, 1], when the sample has a conditioning image
 
 
 def as_latent_sample(sample) -> LatentSample:
-    """Accept any descriptor with `path`, `plan`, `flip` (and optionally `alpha_mask`)."""
+    """Accept any descriptor with `path`, `plan`, `flip` (and optionally `alpha_mask`, `conditioning`)."""
     if isinstance(sample, LatentSample):
         return sample
+    conditioning = getattr(sample, "conditioning", None)
     return LatentSample(str(sample.path), CropPlan(*sample.plan), bool(getattr(sample, "flip", False)),
-                        bool(getattr(sample, "alpha_mask", False)))
+                        bool(getattr(sample, "alpha_mask", False)), str(conditioning) if conditioning else None)
 
 
 def with_flips(samples: Iterable[LatentSample]) -> list:
@@ -155,22 +170,25 @@ class LatentCache:
 
     # --- keys and paths ---------------------------------------------------------------------
 
-    def _key(self, sample: LatentSample, content: str) -> str:
+    def _key(self, sample: LatentSample, content: str, conditioning: Optional[str] = None) -> str:
         plan = sample.plan
-        return cache_key({
+        parts = {
             "kind": LATENT_FORMAT, "pixels": PIXEL_PIPELINE_VERSION, "content": content,
             "original": [int(v) for v in plan.original_size], "resized": [int(v) for v in plan.resized_size],
             "bucket": [int(v) for v in plan.bucket], "left": int(plan.left), "top": int(plan.top),
             "flip": bool(sample.flip), "alpha": bool(sample.alpha_mask), "vae": self.vae_id, "dtype": str(self.dtype),
-        })
+        }
+        if conditioning is not None:  # only then: keys of samples without one stay what they were
+            parts["conditioning"] = conditioning
+        return cache_key(parts)
 
     def key(self, sample) -> str:
-        sample = as_latent_sample(sample)
-        return self._key(sample, self.hasher.digest(sample.path))
+        return self.keys([as_latent_sample(sample)])[0]
 
     def keys(self, samples: Sequence[LatentSample]) -> list:
-        contents = self.hasher.digest_many([s.path for s in samples])
-        return [self._key(s, c) for s, c in zip(samples, contents)]
+        paths = [s.path for s in samples] + [s.conditioning for s in samples if s.conditioning]
+        digests = dict(zip(paths, self.hasher.digest_many(paths)))
+        return [self._key(s, digests[s.path], digests[s.conditioning] if s.conditioning else None) for s in samples]
 
     def entry_path(self, sample) -> Optional[str]:
         """The file of a sample's entry (None for a memory cache)."""
@@ -184,6 +202,8 @@ class LatentCache:
         expected = {"latents": (latent_dtype, shape)}
         if sample.alpha_mask:
             expected["alpha_mask"] = ("U8", (bh, bw))
+        if sample.conditioning:
+            expected["conditioning"] = ("U8", (3, bh, bw))
         return expected
 
     # --- filling ----------------------------------------------------------------------------
@@ -259,14 +279,16 @@ class LatentCache:
 
     @staticmethod
     def _submit_pixels(pool: ThreadPoolExecutor, batch: list) -> dict:
-        """Decode each (image, crop) once; flipped twins reuse the unflipped pixels."""
-        from library.data.image_transforms import training_pixels_and_alpha
+        """Decode each (image, crop) and conditioning image once; flipped twins reuse the unflipped pixels."""
+        from library.data.image_transforms import training_pixels_and_alpha, training_pixels_u8
 
         futures = {}
         for _, s in batch:
             base = (s.path, s.plan, s.alpha_mask)
             if base not in futures:
                 futures[base] = pool.submit(training_pixels_and_alpha, s.path, s.plan, False, s.alpha_mask)
+            if s.conditioning and (s.conditioning, s.plan) not in futures:
+                futures[(s.conditioning, s.plan)] = pool.submit(training_pixels_u8, s.conditioning, s.plan, False)
         return futures
 
     def _encode_batch(self, batch: list, futures: dict) -> list:
@@ -275,11 +297,13 @@ class LatentCache:
 
         from library.models.frozen_weights import compute_dtype
 
-        pixels, masks = [], []
+        pixels, masks, conditionings = [], [], []
         for _, s in batch:
             image, mask = futures[(s.path, s.plan, s.alpha_mask)].result()
             pixels.append(image.flip(-1) if s.flip else image)
             masks.append(None if mask is None else (mask.flip(-1) if s.flip else mask))
+            hint = futures[(s.conditioning, s.plan)].result() if s.conditioning else None
+            conditionings.append(None if hint is None else (hint.flip(-1) if s.flip else hint))
         device = next(self.vae.parameters()).device
         images = torch.stack(pixels).to(device, compute_dtype(self.vae))
         if images.device.type == "cpu":
@@ -289,28 +313,31 @@ class LatentCache:
             posterior = self.vae.encode(images).latent_dist
             mean, std = posterior.mean.float().cpu().contiguous(), posterior.std.float().cpu().contiguous()
         entries = []
-        for row, ((key, sample), mask) in enumerate(zip(batch, masks)):
+        for row, ((key, sample), mask, hint) in enumerate(zip(batch, masks, conditionings)):
             latents = mean[row] + std[row] * sample_noise(key, tuple(mean.shape[1:]))
             if not torch.isfinite(latents).all():
                 raise UserError(
                     f"{sample.path}: the VAE produced NaN/inf latents (usual with a half-precision VAE); "
                     f"use --no_half_vae"
                 )
-            entries.append((key, sample, latents.to(self.dtype), mask))
+            entries.append((key, sample, latents.to(self.dtype), mask, hint))
         return entries
 
-    def _put(self, key: str, sample: LatentSample, latents, mask) -> None:
+    def _put(self, key: str, sample: LatentSample, latents, mask, hint=None) -> None:
         import torch
 
         mask_u8 = None if mask is None else torch.round(mask.float() * 255).to(torch.uint8)
+        hint = None if hint is None else hint.contiguous()
         if self.store.in_memory:
-            self.store.memory[key] = (latents, mask_u8)
+            self.store.memory[key] = (latents, mask_u8, hint)
             return
         path = self.store.path_for(key, sample.path)
         self.store.prepare_dir(path)
         tensors = {"latents": latents}
         if mask_u8 is not None:
             tensors["alpha_mask"] = mask_u8
+        if hint is not None:
+            tensors["conditioning"] = hint
         plan = sample.plan
         write_entry(path, tensors, {
             "format": LATENT_FORMAT, "key": key, "image": os.path.abspath(sample.path),
@@ -327,8 +354,8 @@ class LatentCache:
         if self.store.in_memory:
             if key not in self.store.memory:
                 self._encode_one(key, sample)
-            latents, mask = self.store.memory[key]
-            return LatentEntry(latents, None if mask is None else mask.float() / 255)
+            latents, mask, hint = self.store.memory[key]
+            return _entry(latents, mask, hint)
         path = self.store.path_for(key, sample.path)
         try:
             tensors = read_entry(path, key, LATENT_FORMAT, self._expected(sample))
@@ -344,8 +371,7 @@ class LatentCache:
             logger.warning("%s: damaged latent cache entry (%s); encoding it again", path, e)
             self._encode_one(key, sample)
             tensors = read_entry(path, key, LATENT_FORMAT, self._expected(sample))
-        mask = tensors.get("alpha_mask")
-        return LatentEntry(tensors["latents"], None if mask is None else mask.float() / 255)
+        return _entry(tensors["latents"], tensors.get("alpha_mask"), tensors.get("conditioning"))
 
     def _encode_one(self, key: str, sample: LatentSample) -> None:
         """A miss met while reading: encode that entry now (counted in the running `stats`)."""
@@ -368,7 +394,7 @@ class LatentCache:
                 logger.warning("%s; using pixels for this and any other uncached sample", e)
                 self._warned_fallback = True
             return None
-        return {"latents": entry.latents, "alpha_mask": entry.alpha_mask}
+        return {"latents": entry.latents, "alpha_mask": entry.alpha_mask, "conditioning": entry.conditioning}
 
     def __contains__(self, sample) -> bool:
         sample = as_latent_sample(sample)

@@ -36,9 +36,10 @@ class CacheItem:
     caption: str  # raw caption (see `library.data.captions.process_caption`)
     subset: Any  # SubsetParams
     dataset_index: int = 0
+    conditioning: Optional[str] = None  # ControlNet subsets: the conditioning image, cached with the latents
 
     def latent_samples(self) -> list:
-        sample = LatentSample(self.path, self.plan, False, bool(self.subset.alpha_mask))
+        sample = LatentSample(self.path, self.plan, False, bool(self.subset.alpha_mask), self.conditioning)
         return with_flips([sample]) if self.subset.flip_aug else [sample]
 
 
@@ -115,7 +116,8 @@ def collect_cache_items(config, num_workers: int = 2, skip_bad: bool = False) ->
             if plan is None or identity in seen:
                 continue
             seen.add(identity)
-            items.append(CacheItem(entry.path, plan, entry.caption, dataset.subsets[entry.subset_index], d))
+            items.append(CacheItem(entry.path, plan, entry.caption, dataset.subsets[entry.subset_index], d,
+                                   entry.conditioning_path))
     return items
 
 

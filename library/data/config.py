@@ -209,7 +209,8 @@ def load_dataset_config(
     if config_path is not None:
         raw = read_config_file(config_path)
         source = str(config_path)
-        ignored = [f"--{name}" for name in ("train_data_dir", "reg_data_dir", "in_json") if getattr(args, name, None)]
+        ignored = [f"--{name}" for name in ("train_data_dir", "reg_data_dir", "in_json", "conditioning_data_dir")
+                   if getattr(args, name, None)]
         if ignored:
             warnings.append(f"{', '.join(ignored)} ignored because --dataset_config is given")
     else:

@@ -221,6 +221,10 @@ def config_from_command_line(args, support: Support, warnings: list[str]) -> dic
         subset = {"image_dir": train_dir, "conditioning_data_dir": cond_dir, "num_repeats": 1}
         return {"datasets": [{"subsets": [subset]}]}
 
+    cond_dir = getattr(args, "conditioning_data_dir", None)
+    if cond_dir and in_json is None:
+        return {"datasets": [{"subsets": _mask_subsets(args, train_dir, cond_dir, support, warnings)}]}
+
     if in_json is not None:
         subset = {"metadata_file": in_json}
         if train_dir:
@@ -241,6 +245,31 @@ def config_from_command_line(args, support: Support, warnings: list[str]) -> dic
             warnings.append(f"--reg_data_dir {reg_dir!r} has no sub-folder named {FOLDER_NAMING_RULE}; no reg images")
         subsets += reg_subsets
     return {"datasets": [{"subsets": subsets}]}
+
+
+def _mask_subsets(args, train_dir: Optional[str], cond_dir: str, support: Support, warnings: list[str]) -> list[dict]:
+    """--masked_loss with --conditioning_data_dir and DreamBooth folders: each `<repeats>_<name>` folder
+    becomes a ControlNet subset whose masks are in `<conditioning_data_dir>/<same folder name>`, or in
+    `--conditioning_data_dir` itself (masks matched by base name)."""
+    if not support.controlnet:
+        raise UserError("--conditioning_data_dir: mask images are used with --masked_loss; add --masked_loss "
+                        "or remove the flag")
+    if getattr(args, "reg_data_dir", None):
+        raise UserError("--conditioning_data_dir with --reg_data_dir: masked subsets cannot be regularization "
+                        "images; use a --dataset_config to combine them")
+    if not train_dir:
+        raise UserError("--train_data_dir is required with --conditioning_data_dir (or pass --dataset_config)")
+    if not os.path.isdir(cond_dir):
+        raise UserError(f"--conditioning_data_dir {cond_dir!r} is not a folder")
+    folders, skipped = _scan_parent_flag("--train_data_dir", train_dir, False, warnings)
+    if not folders:
+        raise UserError(_no_folders_message(train_dir, skipped))
+    subsets = []
+    for folder in folders:
+        own = os.path.join(cond_dir, os.path.basename(folder["image_dir"]))
+        subsets.append({"image_dir": folder["image_dir"], "num_repeats": folder["num_repeats"],
+                        "conditioning_data_dir": own if os.path.isdir(own) else cond_dir})
+    return subsets
 
 
 def _scan_parent_flag(flag: str, parent: str, is_reg: bool, warnings: list[str]) -> tuple[list[dict], list[str]]:

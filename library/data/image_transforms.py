@@ -3,7 +3,8 @@
 One function does resize (area filter when shrinking, Lanczos when enlarging, as sd-scripts'
 cv2 calls do), crop at the plan's real offsets and optional horizontal flip. The training dataset,
 the latent cache and the cache tools all call it, so a cached latent and a freshly encoded one come
-from identical pixels.
+from identical pixels. Conditioning images (loss masks, ControlNet-LLLite hints) take the same path
+with their target image's plan and flip.
 """
 
 from __future__ import annotations
@@ -37,12 +38,21 @@ def crop_resized(array: np.ndarray, plan: CropPlan, flip: bool = False) -> np.nd
     return np.require(array, requirements=["C", "W"])  # torch.from_numpy wants writable memory
 
 
-def training_pixels(path: str, plan: CropPlan, flip: bool = False):
-    """Float tensor (3, H, W) in [-1, 1], the VAE's input range."""
+def training_pixels_u8(path: str, plan: CropPlan, flip: bool = False):
+    """uint8 tensor (3, H, W): the pixels `training_pixels` scales (what a cache stores exactly)."""
     import torch
 
-    array = crop_resized(load_image_rgb(path), plan, flip)
-    return torch.from_numpy(array).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    return torch.from_numpy(crop_resized(load_image_rgb(path), plan, flip)).permute(2, 0, 1)
+
+
+def unit_range(pixels_u8):
+    """uint8 (..., H, W) → float in [-1, 1], the VAE's (and ControlNet hints') input range."""
+    return pixels_u8.float().div_(127.5).sub_(1.0)
+
+
+def training_pixels(path: str, plan: CropPlan, flip: bool = False):
+    """Float tensor (3, H, W) in [-1, 1], the VAE's input range."""
+    return unit_range(training_pixels_u8(path, plan, flip))
 
 
 def training_pixels_and_alpha(path: str, plan: CropPlan, flip: bool = False, want_alpha: bool = False):

@@ -11,7 +11,9 @@ Per-sample pipeline (`load_batch`):
 1. flip (subset `flip_aug`, 50 %), crop plan (centre crop of the bucket assignment; random crop with
    `random_crop`; face-centred crop with `face_crop_aug_range` when bucketing is off);
 2. latents from `latent_provider(SampleDescriptor)` if one is given and it has them, else pixels via
-   `image_transforms` (resize, crop, flip; colour augmentation in between when asked);
+   `image_transforms` (resize, crop, flip; colour augmentation in between when asked); a ControlNet
+   subset's conditioning image (loss mask or LLLite hint) comes with the cached latents, or takes
+   the same resize, crop and flip as its image (`conditioning_images`, [-1, 1]);
 3. the caption through `captions.process_caption`, tokenized per tokenizer (`text_encoding.tokenize`);
    `text_provider(SampleDescriptor, caption)` may supply cached text-encoder outputs.
 
@@ -52,6 +54,8 @@ class SampleDescriptor:
     path: the image file. plan: resize to `plan.resized_size`, crop `plan.bucket` at
     (`plan.left`, `plan.top`); `plan.original_size` is the upright size of the file. flip: the crop is
     mirrored horizontally afterwards. alpha_mask: the subset trains with the alpha channel as mask.
+    conditioning: the image's conditioning image (ControlNet subsets: a loss mask with --masked_loss,
+    or a ControlNet-LLLite hint), resized, cropped and flipped with it.
     Equal descriptors always give identical pixels (`image_transforms.training_pixels`).
     """
 
@@ -59,13 +63,15 @@ class SampleDescriptor:
     plan: CropPlan
     flip: bool = False
     alpha_mask: bool = False
+    conditioning: Optional[str] = None
 
     @property
     def latent_size_hw(self) -> tuple:
         return (self.plan.bucket[1] // 8, self.plan.bucket[0] // 8)
 
 
-# latent_provider(sample) -> None | latents (C, h, w) | {"latents": (C, h, w), "alpha_mask": (H, W) or None}
+# latent_provider(sample) -> None | latents (C, h, w)
+#     | {"latents": (C, h, w), "alpha_mask": (H, W) or None, "conditioning": (3, H, W) in [-1, 1] or None}
 LatentProvider = Callable[[SampleDescriptor], Any]
 # text_provider(sample, caption) -> None | cached text-encoder outputs (any object, passed through)
 TextProvider = Callable[[SampleDescriptor, str], Any]
@@ -335,7 +341,8 @@ class TrainDataset:
         sample = self._samples[index]
         rng = self._rng(epoch, global_step, index, position, "image")
         flip = bool(sample.subset.flip_aug and rng.random() < 0.5)
-        return SampleDescriptor(sample.path, self._plan(sample, rng), flip, sample.subset.alpha_mask), rng
+        return SampleDescriptor(sample.path, self._plan(sample, rng), flip, sample.subset.alpha_mask,
+                                sample.image.entry.conditioning_path), rng
 
     def describe(self, index: int, epoch: int, global_step: int, position: int = 0) -> SampleDescriptor:
         """The descriptor (file, crop plan, flip) that `load_batch` uses for image `index` at that place."""
@@ -345,9 +352,9 @@ class TrainDataset:
         """What a latent cache must hold: every image's centre crop, plus its mirror image with flip_aug."""
         descriptors = []
         for sample in self._samples:
-            descriptors.append(SampleDescriptor(sample.path, sample.centre, False, sample.subset.alpha_mask))
-            if sample.subset.flip_aug:
-                descriptors.append(SampleDescriptor(sample.path, sample.centre, True, sample.subset.alpha_mask))
+            flips = (False, True) if sample.subset.flip_aug else (False,)
+            descriptors += [SampleDescriptor(sample.path, sample.centre, flip, sample.subset.alpha_mask,
+                                             sample.image.entry.conditioning_path) for flip in flips]
         return list(dict.fromkeys(descriptors))
 
     def _pixels(self, sample: _Sample, descriptor: SampleDescriptor, rng: random.Random):
@@ -407,11 +414,6 @@ class TrainDataset:
 
         out: dict[str, Any] = {"image_paths": [s.path for s in samples], "captions": captions, "samples": descriptors}
         out.update(self._image_part(samples, descriptors, image_rngs))
-        if any(s.image.entry.conditioning_path for s in samples):
-            out["conditioning_images"] = torch.stack([
-                image_transforms.training_pixels(s.image.entry.conditioning_path, d.plan, d.flip)
-                for s, d in zip(samples, descriptors)
-            ])
         out.update(self._size_conditioning(descriptors))
         out.update(self._text_part(captions, descriptors))
         out["loss_weights"] = torch.tensor([s.image.entry.loss_weight for s in samples], dtype=torch.float32)
@@ -425,8 +427,17 @@ class TrainDataset:
         cached = self._cached_latents(descriptors)
         want_masks = any(d.alpha_mask for d in descriptors)
         masks = []
+        if any(d.conditioning for d in descriptors):
+            # a batch never mixes datasets, and in a ControlNet dataset every image has one
+            stored = [c.get("conditioning") for c in cached] if cached is not None else [None] * len(descriptors)
+            part = {"conditioning_images": torch.stack([
+                torch.as_tensor(c).float() if c is not None
+                else image_transforms.training_pixels(d.conditioning, d.plan, d.flip)
+                for c, d in zip(stored, descriptors)])}
+        else:
+            part = {}
         if cached is not None:
-            part = {"latents": torch.stack([torch.as_tensor(c["latents"]).float() for c in cached])}
+            part["latents"] = torch.stack([torch.as_tensor(c["latents"]).float() for c in cached])
             for c, d in zip(cached, descriptors):
                 if not d.alpha_mask:
                     masks.append(None)
@@ -436,7 +447,7 @@ class TrainDataset:
                     masks.append(self._alpha_only(d))
         else:
             pixels = [self._pixels(s, d, rng) for s, d, rng in zip(samples, descriptors, rngs)]
-            part = {"images": torch.stack([p for p, _ in pixels])}
+            part["images"] = torch.stack([p for p, _ in pixels])
             masks = [m for _, m in pixels]
         if want_masks:
             bw, bh = descriptors[0].plan.bucket

@@ -1,9 +1,10 @@
 """Command-line flags of `gen_img.py` / `sdxl_gen_img.py`, as sd-scripts names them (spec: cli-flags.md §4).
 
 Plain argparse, no torch: `--help` answers at once. Flags of sd-scripts features this generator does
-not implement (ControlNet, LLLite, Deep Shrink, Gradual Latent, CLIP Vision, prompter modules,
+not implement (the original ControlNet, Deep Shrink, Gradual Latent, CLIP Vision, prompter modules,
 upscaler modules, regional LoRA) are still accepted by the parser so that existing command lines
 parse; `check_args` turns their use into the one line `library.refused_options` keeps for each.
+ControlNet-LLLite (`--control_net_lllite_models` ...) is implemented (library/generation/control.py).
 """
 
 from __future__ import annotations
@@ -108,16 +109,28 @@ def _highres_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--highres_fix_latents_upscaling", action="store_true", help="upscale latents, not images")
     g.add_argument("--highres_fix_upscaler", type=str, default=None, help=argparse.SUPPRESS)
     g.add_argument("--highres_fix_upscaler_args", type=str, default=None, help=argparse.SUPPRESS)
-    g.add_argument("--highres_fix_disable_control_net", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--highres_fix_disable_control_net", action="store_true",
+                   help="run the second pass without ControlNet-LLLite")
+
+
+def _control_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("ControlNet-LLLite (SDXL)")
+    g.add_argument("--control_net_lllite_models", type=str, default=None, nargs="*",
+                   help="ControlNet-LLLite files (ours or sd-scripts'); several steer together")
+    g.add_argument("--guide_image_path", type=str, default=None, nargs="*",
+                   help="hint images (files or folders): one for every model, or one per model for each image in turn")
+    g.add_argument("--control_net_multipliers", type=float, default=None, nargs="*",
+                   help="strength of each LLLite model (default 1.0; 0 = the base model's image)")
+    g.add_argument("--control_net_ratios", type=float, default=None, nargs="*",
+                   help="fraction of the sampling steps each LLLite model steers (default 1.0: all)")
 
 
 def _unsupported_flags(parser: argparse.ArgumentParser) -> None:
     """sd-scripts flags kept for command-line compatibility (see `check_args`)."""
     hidden = argparse.SUPPRESS
-    for name in ("--control_net_models", "--control_net_lllite_models", "--control_net_preps", "--guide_image_path"):
+    for name in ("--control_net_models", "--control_net_preps"):
         parser.add_argument(name, type=str, default=None, nargs="*", help=hidden)
-    for name in ("--control_net_multipliers", "--control_net_weights", "--control_net_ratios"):
-        parser.add_argument(name, type=float, default=None, nargs="*", help=hidden)
+    parser.add_argument("--control_net_weights", type=float, default=None, nargs="*", help=hidden)
     parser.add_argument("--clip_vision_strength", type=float, default=None, help=hidden)
     parser.add_argument("--ds_depth_1", type=int, default=None, help=hidden)
     parser.add_argument("--ds_timesteps_1", type=int, default=650, help=hidden)
@@ -148,6 +161,7 @@ def build_parser(sdxl_only: bool = False, description: str = "") -> argparse.Arg
     _sampling_flags(parser)
     _network_flags(parser)
     _highres_flags(parser)
+    _control_flags(parser)
     _unsupported_flags(parser)
     parser.set_defaults(sdxl_only=sdxl_only)
     return parser
@@ -179,3 +193,24 @@ def check_args(args) -> None:
         raise UserError(f"--network_weights: {len(modules)} network modules but {len(weights)} weight files")
     if args.network_args and len(args.network_args) > len(modules):
         raise UserError("--network_args: more entries than --network_module entries")
+    _check_control_args(args)
+
+
+def _check_control_args(args) -> None:
+    models = args.control_net_lllite_models or []
+    if models and not args.guide_image_path:
+        raise UserError("--control_net_lllite_models needs --guide_image_path: the hint image(s) to follow")
+    if args.guide_image_path and not models:
+        raise UserError("--guide_image_path: guide images are used by --control_net_lllite_models only; add the "
+                        "LLLite file(s) or remove the flag")
+    for flag in ("control_net_multipliers", "control_net_ratios"):
+        values = getattr(args, flag) or []
+        if values and not models:
+            raise UserError(f"--{flag}: needs --control_net_lllite_models")
+        if len(values) > len(models):
+            raise UserError(f"--{flag}: {len(values)} values for {len(models)} --control_net_lllite_models file(s)")
+    for ratio in args.control_net_ratios or []:
+        if not 0.0 <= ratio <= 1.0:
+            raise UserError(f"--control_net_ratios {ratio}: must be between 0 and 1 (the fraction of the steps)")
+    if args.highres_fix_disable_control_net and not models:
+        raise UserError("--highres_fix_disable_control_net: needs --control_net_lllite_models")

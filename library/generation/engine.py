@@ -19,6 +19,10 @@ Other rules:
   and the decoded pixels are checked, and the first NaN/inf stops generation (`NonFiniteOutput`, one
   line naming the step and what was not finite) instead of a black image cast from NaN.
 
+ControlNet-LLLite networks (`control_nets`) steer each image with its job's guide images
+(library/generation/control.py); the highres fix's first pass is steered too, the second unless
+`--highres_fix_disable_control_net`.
+
 Loading what a command line names (model, embeddings, networks) into an engine is
 library/generation/loading.py; the command-line run (prompt files, seeds, batching, file names) is
 library/generation/run.py.
@@ -71,6 +75,7 @@ class ImageJob:
     filename: Optional[str] = None  # --f
     source_name: Optional[str] = None  # file name of init_image (--use_original_file_name)
     number: int = 0  # position in the run (--sequential_file_name)
+    guide_images: tuple = ()  # ControlNet-LLLite hints (PIL), one per control network
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,7 @@ class HighresFix:
     steps: int = 28
     strength: Optional[float] = None  # first pass (img2img) strength; None = the batch's strength
     latents_upscaling: bool = False
+    disable_control_net: bool = False  # the second pass runs without ControlNet-LLLite
 
 
 @contextlib.contextmanager
@@ -154,7 +160,7 @@ class GenerationEngine:
         emb_normalize_mode: str = "original", zero_terminal_snr: bool = False, zero_steps_offset: bool = False,
         vae_batch_size: Optional[float] = None, networks: Sequence = (), network_default_muls: Sequence = (),
         network_pre_calc: bool = False, prompt_expander: Optional[Callable[[str], str]] = None,
-        show_progress: bool = False, conditioner=None,
+        show_progress: bool = False, conditioner=None, control_nets: Sequence = (),
     ):
         from library.text.encoding import TextConditioner
 
@@ -174,6 +180,7 @@ class GenerationEngine:
         self.network_pre_calc = network_pre_calc
         self.expand_prompt = prompt_expander or (lambda text: text)
         self.show_progress = show_progress
+        self.control_nets = list(control_nets)  # library.generation.control.ControlNet
         self._pipelines = {}
 
     # --- pipelines ----------------------------------------------------------------------------
@@ -279,8 +286,11 @@ class GenerationEngine:
             negative_crops_coords_top_left=tuple(settings.crop), negative_target_size=target,
         )
 
-    def generate(self, jobs: Sequence[ImageJob], settings: BatchSettings, output: str = "pil"):
-        """Images for `jobs` (PIL list), or their latents (B, 4, h, w) with output="latent"."""
+    def generate(self, jobs: Sequence[ImageJob], settings: BatchSettings, output: str = "pil", control: bool = True):
+        """Images for `jobs` (PIL list), or their latents (B, 4, h, w) with output="latent".
+        control=False: without the control networks (highres fix's second pass when asked)."""
+        from library.generation.control import steer
+
         self._set_network_multipliers(settings.network_muls)
         negative_scale = settings.negative_scale is not None and settings.scale > 1.0
         cond, uncond, empty = self.encode([j.prompt for j in jobs], [j.negative_prompt for j in jobs], negative_scale)
@@ -309,9 +319,10 @@ class GenerationEngine:
             kwargs["mask_image"] = [j.mask_image for j in jobs]
         if self.family.is_sdxl:
             kwargs.update(self._sdxl_kwargs(settings, cond, uncond))
-        _check_call_arguments(pipe, kwargs)
-        with self._negative_guidance(pipe, settings, empty), _quiet_dtype_casts():
-            latents = pipe(**kwargs).images
+        with steer(self.control_nets if control else [], jobs, settings.width, settings.height, self.device, kwargs):
+            _check_call_arguments(pipe, kwargs)
+            with self._negative_guidance(pipe, settings, empty), _quiet_dtype_casts():
+                latents = pipe(**kwargs).images
         return latents if output == "latent" else self.decode(latents)
 
     def decode(self, latents: torch.Tensor) -> list:
@@ -373,4 +384,4 @@ class GenerationEngine:
             second_jobs = [replace(j, seed=j.seed + 1, mask_image=None, init_latents=None,
                                    init_image=im.resize((settings.width, settings.height), Image.LANCZOS))
                            for j, im in zip(jobs, first_images)]
-        return first_images, self.generate(second_jobs, settings)
+        return first_images, self.generate(second_jobs, settings, control=not fix.disable_control_net)

@@ -206,10 +206,13 @@ def build_engine(args, sdxl: Optional[bool] = None) -> GenerationEngine:
     if args.vae_slices:
         models.vae.enable_tiling()
     networks, muls = load_networks(args, models, dtype, device)
+    from library.generation.control import load_control_nets
+
+    control_nets = load_control_nets(args, models, dtype, device)
     return GenerationEngine(
         models, tokenizers, device, clip_skip=args.clip_skip, max_embeddings_multiples=args.max_embeddings_multiples or 1,
         emb_normalize_mode=args.emb_normalize_mode, zero_terminal_snr=args.zero_terminal_snr,
         zero_steps_offset=args.force_scheduler_zero_steps_offset, vae_batch_size=args.vae_batch_size,
         networks=networks, network_default_muls=muls, network_pre_calc=args.network_pre_calc,
-        prompt_expander=expander, show_progress=True,
+        prompt_expander=expander, show_progress=True, control_nets=control_nets,
     )

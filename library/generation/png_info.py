@@ -39,6 +39,8 @@ LABELS = {
     "crop_top": "Crop top",
     "crop_left": "Crop left",
     "networks": "Networks",
+    "control_nets": "ControlNet-LLLite",
+    "guide_images": "Guide image",
     "model": "Model",
 }
 _KEY_BY_LABEL = {label: key for key, label in LABELS.items()}
@@ -181,11 +183,17 @@ def output_name(
     return f"im_{timestamp}_{hires_prefix}{index_in_batch:03d}_{seed}.png"
 
 
-def image_info(job, settings, *, sdxl: bool, model: str, clip_skip=None, hires=None, networks: str = None) -> dict:
-    """The settings dict written for one generated image (`job`: generation.ImageJob, `settings`: BatchSettings)."""
+def image_info(job, settings, *, sdxl: bool, model: str, clip_skip=None, hires=None, networks: str = None,
+               control_nets=()) -> dict:
+    """The settings dict written for one generated image (`job`: generation.ImageJob, `settings`: BatchSettings,
+    `control_nets`: the engine's ControlNet-LLLite models, recorded with the job's guide images)."""
     info = dict(prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed, sampler=settings.sampler,
                 steps=settings.steps, scale=settings.scale, negative_scale=settings.negative_scale,
                 width=settings.width, height=settings.height, clip_skip=clip_skip, model=model, networks=networks)
+    guides = getattr(job, "guide_images", ())
+    if control_nets and guides:
+        info["control_nets"] = ", ".join(control.describe() for control in control_nets)  # name:multiplier:ratio
+        info["guide_images"] = ", ".join(os.path.basename(getattr(g, "filename", "") or "?") for g in guides)
     if job.init_image is not None or job.init_latents is not None:
         info["strength"] = settings.strength
     if hires is not None:

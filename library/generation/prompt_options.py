@@ -64,7 +64,7 @@ OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "ss": ("sample_sampler", _text),
     "f": ("filename", _text),
     "c": ("clip_prompt", _text),  # read for compatibility; not used (no CLIP guidance)
-    "cn": ("controlnet_image", _text),  # read for compatibility; not used (no ControlNet)
+    "cn": ("controlnet_image", _text),  # guide image of ControlNet-LLLite training samples
 }
 # sd-scripts options this generator does not implement (Deep Shrink, Gradual Latent, DiT): logged and ignored.
 UNSUPPORTED = {"dsd1", "dst1", "dsd2", "dst2", "dsr", "glt", "glr", "gle", "gls", "glsn", "glus", "g", "ctr",

@@ -3,8 +3,9 @@
 `run_from_args` takes the parsed arguments (library/generation/args.py), reads the `--image_path` /
 `--mask_path` images, builds the engine (library/generation/loading.py) and feeds it the prompt entries
 (library/generation/prompt_options.py). `CommandLineRun` turns each entry into one job per image (seed, dynamic
-prompt, init image and mask resized to the batch size), starts a new batch when the settings change
-or the batch is full, and saves every image as a PNG with its settings (library/generation/png_info.py).
+prompt, init image and mask resized to the batch size, ControlNet-LLLite guide images in turn), starts a
+new batch when the settings change or the batch is full, and saves every image as a PNG with its
+settings (library/generation/png_info.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import replace
 from typing import List, Optional, Sequence
 
 from library.errors import UserError
+from library.generation.control import guide_groups
 from library.models.atomic_writes import check_writable_folder
 from library.generation.loading import build_engine
 from library.generation.engine import BatchSettings, GenerationEngine, HighresFix, ImageJob
@@ -54,13 +56,15 @@ def load_images(path: Optional[str], what: str) -> list:
 class CommandLineRun:
     """One gen_img run: turns prompt dicts into jobs, batches them, saves the images."""
 
-    def __init__(self, args, engine: GenerationEngine, images: list, masks: list, seeds):
+    def __init__(self, args, engine: GenerationEngine, images: list, masks: list, seeds, guides: Sequence = ()):
         self.args, self.engine, self.images, self.masks, self.seeds = args, engine, images, masks, seeds
+        self.guides = list(guides)  # per generated image in turn: one guide image per LLLite model
         self.number = 0
         self.batch: List[ImageJob] = []
         self.settings: Optional[BatchSettings] = None
         self.fix = (HighresFix(args.highres_fix_scale, args.highres_fix_steps, args.highres_fix_strength,
-                               args.highres_fix_latents_upscaling) if args.highres_fix_scale else None)
+                               args.highres_fix_latents_upscaling, args.highres_fix_disable_control_net)
+                    if args.highres_fix_scale else None)
         self.model_name = os.path.splitext(os.path.basename(os.path.normpath(args.ckpt)))[0]
 
     def add_entry(self, entry: dict, iteration_seed: Optional[int]) -> None:
@@ -84,6 +88,7 @@ class CommandLineRun:
                 seed=seed, init_image=image.convert("RGB").resize(size, Image.LANCZOS) if image else None,
                 mask_image=mask.convert("L").resize(size, Image.LANCZOS) if mask else None,
                 filename=name, source_name=getattr(image, "filename", None), number=self.number,
+                guide_images=self.guides[self.number % len(self.guides)] if self.guides else (),
             )
             if self.batch and (settings != self.settings or len(self.batch) >= self.args.batch_size):
                 self.flush()
@@ -122,7 +127,8 @@ class CommandLineRun:
                                hires_prefix=hires_prefix, original=original, explicit=job.filename)
             path = os.path.join(self.args.outdir, first_available(self.args.outdir, name))
             info = image_info(job, settings, sdxl=self.engine.family.is_sdxl, model=self.model_name,
-                              clip_skip=self.args.clip_skip, hires=self.fix, networks=self._networks_text(settings))
+                              clip_skip=self.args.clip_skip, hires=self.fix, networks=self._networks_text(settings),
+                              control_nets=self.engine.control_nets)
             save_png(image, path, info)
             logger.info("saved %s", path)
 
@@ -135,6 +141,8 @@ def run_from_args(args, sdxl: Optional[bool] = None) -> int:
     check_args(args)
     images = load_images(args.image_path, "--image_path")
     masks = load_images(args.mask_path, "--mask_path")
+    guides = guide_groups([g for path in args.guide_image_path or [] for g in load_images(path, "--guide_image_path")],
+                          len(args.control_net_lllite_models or []))
     entries = iter_prompt_entries(args, images)
     iterations = 1 if args.interactive else args.n_iter
     if not args.interactive:
@@ -143,7 +151,7 @@ def run_from_args(args, sdxl: Optional[bool] = None) -> int:
     check_writable_folder(args.outdir, "--outdir")  # before the model loads
     engine = build_engine(args, sdxl)
     seeds = SeedPlan(args.seed, single)
-    run = CommandLineRun(args, engine, images, masks, seeds)
+    run = CommandLineRun(args, engine, images, masks, seeds, guides)
     for _ in range(iterations):
         iteration_seed = seeds.iteration_seed(args.iter_same_seed)
         order = entries

@@ -4,7 +4,9 @@
 --ss` options, `.toml`, `.json`; see library/generation/prompt_options.py) with the models being trained, as
 they are: a LoRA applied by the trainer stays applied, nothing is merged or copied. Defaults are
 sd-scripts': 512×512, 30 steps, scale 7.5, sizes floored to a multiple of 8 (at least 64), a random
-seed when none is given. Images are saved as
+seed when none is given. When a ControlNet-LLLite network is trained, each prompt's `--cn <image>`
+(`controlnet_image` in .toml/.json files) is its guide image, through the generator's own path
+(library/generation/control.py). Images are saved as
 
     <output_dir>/sample/[<output_name>_]<step:06d | e<epoch:06d>>_<index:02d>_<YYYYmmddHHMMSS>[_<seed>].png
 
@@ -93,9 +95,29 @@ def _replace(text: Optional[str], replacements: Optional[Mapping[str, str]]) -> 
     return text
 
 
+def _guide_images(prompt: dict, count: int) -> tuple:
+    """The prompt's `--cn` image for each control network (none without networks or without `--cn`)."""
+    path = prompt.get("controlnet_image")
+    if not count or not path:
+        if count:
+            logger.warning("sample %d has no guide image (--cn <image>); ControlNet-LLLite stays off for it",
+                           prompt["enum"])
+        return ()
+    from PIL import Image
+
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read the guide image given with --cn ({e})") from None
+    image.filename = path
+    return (image,) * count
+
+
 def sample_images(
     run_like, step: int, epoch: Optional[int], prompts_file: Optional[str], sampler: Optional[str], output_dir: str,
     *, networks: Sequence[torch.nn.Module] = (), replacements: Optional[Mapping[str, str]] = None,
+    control_nets: Sequence[torch.nn.Module] = (),
 ) -> List[str]:
     """Render the prompts of `prompts_file` with the run's current models; returns the saved paths.
 
@@ -103,8 +125,10 @@ def sample_images(
     (`output_name`, `clip_skip`, `zero_terminal_snr` are read when present); optional `.conditioner`,
     `.precision_autocast()`, `.is_main`. networks: modules (e.g. the trained LoRA network) to hold in
     eval mode while sampling. replacements: substring replacements for prompts (textual inversion's
-    `token` → `token token1 ...`).
+    `token` → `token token1 ...`). control_nets: ControlNet-LLLite networks being trained; they steer
+    the prompts that name a guide image (`--cn`) and stay off for the others.
     """
+    from library.generation.control import ControlNet
     from library.generation.engine import BatchSettings, GenerationEngine, ImageJob, NonFiniteOutput
     from library.generation.png_info import image_info, save_png
     from library.generation.prompt_options import load_prompt_file
@@ -126,6 +150,8 @@ def sample_images(
         models, run_like.tokenizers, run_like.device, clip_skip=getattr(args, "clip_skip", None),
         max_embeddings_multiples=MAX_EMBEDDINGS_MULTIPLES, zero_terminal_snr=getattr(args, "zero_terminal_snr", False),
         conditioner=getattr(run_like, "conditioner", None),
+        control_nets=[ControlNet(network, name=getattr(args, "output_name", None) or "lllite")
+                      for network in control_nets],
     )
     folder = os.path.join(output_dir, "sample")
     os.makedirs(folder, exist_ok=True)
@@ -141,8 +167,14 @@ def sample_images(
                 steps=int(prompt.get("sample_steps", DEFAULT_STEPS)), scale=float(prompt.get("scale", DEFAULT_SCALE)),
                 sampler=check_sampler(prompt.get("sample_sampler"), "--ss") or default_sampler,
             )
+            try:
+                guides = _guide_images(prompt, len(control_nets))
+            except UserError as e:
+                logger.error("sample %d skipped: %s", prompt["enum"], e)
+                continue
             job = ImageJob(prompt=_replace(prompt["prompt"], replacements),
-                           negative_prompt=_replace(prompt.get("negative_prompt"), replacements) or "", seed=seed)
+                           negative_prompt=_replace(prompt.get("negative_prompt"), replacements) or "", seed=seed,
+                           guide_images=guides)
             logger.info("sample %d: %s (seed %d, %dx%d)", prompt["enum"], job.prompt[:80], seed, settings.width,
                         settings.height)
             try:
@@ -150,9 +182,13 @@ def sample_images(
             except NonFiniteOutput as e:  # a sample must not stop training, nor be saved black
                 logger.error("sample %d not saved: %s", prompt["enum"], e)
                 continue
+            except UserError as e:  # e.g. a size ControlNet-LLLite cannot take: that sample only
+                logger.error("sample %d skipped: %s", prompt["enum"], e)
+                continue
             name = sample_file_name(getattr(args, "output_name", None), step, epoch, prompt["enum"], given_seed,
                                     time.strftime("%Y%m%d%H%M%S", time.localtime()))
             path = os.path.join(folder, name)
-            save_png(image, path, image_info(job, settings, sdxl=models.family.is_sdxl, model=None))
+            save_png(image, path, image_info(job, settings, sdxl=models.family.is_sdxl, model=None,
+                                             control_nets=engine.control_nets))
             saved.append(path)
     return saved

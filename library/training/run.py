@@ -1,8 +1,8 @@
 """What a training run holds (`Run`) and what a task supplies to the loop (`Task`).
 
 `library.training.trainer` builds one `Run` per training run and drives a `Task` (network, full
-model, embedding) through the hooks below; `step_generator` is the seeding rule that makes a
-resumed run replay an uninterrupted one.
+model, embedding, ControlNet-LLLite) through the hooks below; `step_generator` is the seeding rule
+that makes a resumed run replay an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -19,14 +19,19 @@ class Task:
 
     Subclasses override the hooks below; the loop calls them in this order: `validate_args`,
     `check_data` (before any model loads), `load_dtypes`, `setup`, `configure_dataset`,
-    `param_groups`, `wrap_optimizer`, then per step `before_step` / `after_step`, and `save` at
-    save points.
+    `param_groups`, `wrap_optimizer`, then per step `before_step`, `before_unet` (inside the loss,
+    also for validation) and `after_step`, and `save` at save points.
     """
 
     name = "task"
     sdxl: Optional[bool] = None  # True for sdxl_* scripts, False for SD1/SD2 scripts
     artifact_ext = ".safetensors"
     saves_vae = False  # whether the files it writes hold the VAE
+    # with --masked_loss, ControlNet subsets' conditioning images weight the loss (their red channel);
+    # a task that feeds them to the model as hints sets this False
+    conditioning_images_are_masks = True
+    # `load_dataset_config` keywords: which dataset kinds the trainer accepts (default: its flags decide)
+    dataset_support: Dict[str, bool] = {}
 
     def validate_args(self, args) -> None:
         pass
@@ -98,8 +103,16 @@ class Task:
     def unet_extra_kwargs(self, run: "Run", batch: dict) -> dict:
         return {}
 
+    def before_unet(self, run: "Run", batch: dict) -> None:
+        """Right before the U-Net runs on `batch` (training and validation): e.g. hand a control
+        network the batch's hint images."""
+
     def sampling_networks(self) -> list:
         """Trainable modules to hold in eval mode while sample images are made."""
+        return []
+
+    def sampling_control_nets(self) -> list:
+        """Control networks that sample images steer with each prompt's guide image (`--cn`)."""
         return []
 
     def prompt_replacements(self) -> Optional[dict]:

@@ -17,7 +17,7 @@ FULL_MODEL_FORMATS = [None, "ckpt", "safetensors", "diffusers", "diffusers_safet
 
 
 def _base_parser(description: str, sdxl: bool, support_dreambooth: bool = True,
-                 support_caption: bool = True) -> argparse.ArgumentParser:
+                 support_caption: bool = True, masked_loss: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     train_args.add_logging_arguments(parser)
     train_args.add_model_arguments(parser, sdxl=sdxl)
@@ -25,7 +25,8 @@ def _base_parser(description: str, sdxl: bool, support_dreambooth: bool = True,
     dataset_flags.add_dataset_arguments(parser, support_dreambooth, support_caption, True)
     dataset_flags.add_config_arguments(parser)
     train_args.add_training_arguments(parser, support_dreambooth)
-    train_args.add_masked_loss_arguments(parser)
+    if masked_loss:
+        train_args.add_masked_loss_arguments(parser)
     lr_schedulers.add_lr_scheduler_arguments(optimizers.add_optimizer_arguments(parser))
     train_math.add_train_math_arguments(parser)
     parser.add_argument("--weighted_captions", action="store_true", help="parse (word:1.2) weights in captions")
@@ -113,6 +114,28 @@ def ti_parser(sdxl: bool, description: str) -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------
+# ControlNet-LLLite (library/training/task_lllite.py; flags as sd-scripts, docs/controlnet-lllite.md)
+
+
+def lllite_parser(description: str) -> argparse.ArgumentParser:
+    """sd-scripts' sdxl_train_control_net_lllite.py: ControlNet datasets only, no masked loss."""
+    parser = _base_parser(description, sdxl=True, support_dreambooth=False, masked_loss=False)
+    g = parser.add_argument_group("ControlNet-LLLite")
+    g.add_argument("--save_model_as", choices=[None, "ckpt", "pt", "safetensors"], default="safetensors",
+                   help="file format of the trained network (pt and ckpt are torch pickles)")
+    g.add_argument("--cond_emb_dim", type=int, default=None,
+                   help="width of the hint image's embedding (required; 32 in sd-scripts' canny example)")
+    g.add_argument("--network_dim", type=int, default=None,
+                   help="width of each module's MLP (required; 64 in sd-scripts' canny example)")
+    g.add_argument("--network_dropout", type=float, default=None, help="dropout in each module's MLP while training")
+    g.add_argument("--network_weights", type=str, default=None,
+                   help="start from this LLLite file (ours or sd-scripts'); its widths are used")
+    g.add_argument("--conditioning_data_dir", type=str, default=None,
+                   help="hint images with the base names of the --train_data_dir images (without --dataset_config)")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
 # every trainer's options, by script
 
 
@@ -124,6 +147,7 @@ TRAINER_SCRIPTS: Dict[str, Callable[[], argparse.ArgumentParser]] = {
     "sdxl_train.py": lambda: sdxl_train_parser(""),
     "train_textual_inversion.py": lambda: ti_parser(False, ""),
     "sdxl_train_textual_inversion.py": lambda: ti_parser(True, ""),
+    "sdxl_train_control_net_lllite.py": lambda: lllite_parser(""),
 }
 
 

@@ -49,21 +49,33 @@ def _conditioning(run: Run, batch: dict, task: Task):
 def micro_step_loss(run: Run, task: Task, batch: dict, generator: torch.Generator,
                     timesteps: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The loss of one micro-batch; `timesteps` fixes them instead of drawing (validation)."""
-    from library.training.losses import compute_loss, latent_mask
+    from library.training.losses import compute_loss
     from library.training.noise import forward_process, target
 
     latents = _latents(run, batch)
     cond = _conditioning(run, batch, task)
     noise, noisy, timesteps = forward_process(run.noise_scheduler, latents, run.noise_settings, generator, timesteps)
     kwargs = task.unet_extra_kwargs(run, batch)
+    task.before_unet(run, batch)
     if run.family.is_sdxl:
         time_ids = torch.cat([batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"]], dim=1)
         kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled.to(run.device), "time_ids": time_ids.to(run.device)}
     with run.precision_autocast():
         pred = run.models.unet(noisy, timesteps, cond.context, **kwargs).sample
     want = target(run.noise_scheduler, latents, noise, timesteps, run.loss_settings.v_parameterization)
-    mask = None
-    if "alpha_masks" in batch and (run.args.masked_loss or run.args.alpha_mask):
-        mask = latent_mask(batch["alpha_masks"].to(run.device), pred.shape[-2:])
-    return compute_loss(pred.float(), want.float(), timesteps, run.snr, run.loss_settings, mask,
+    return compute_loss(pred.float(), want.float(), timesteps, run.snr, run.loss_settings, _loss_mask(run, task, batch),
                         batch["loss_weights"].to(run.device))
+
+
+def _loss_mask(run: Run, task: Task, batch: dict) -> Optional[torch.Tensor]:
+    """sd-scripts' rule: with --masked_loss the conditioning image's red channel, else the alpha mask
+    (with --masked_loss or --alpha_mask); None: no mask. A task that feeds its conditioning images to
+    the model (ControlNet-LLLite) never uses them as masks."""
+    from library.training.losses import mask_from_conditioning_images
+
+    masked = bool(getattr(run.args, "masked_loss", False))
+    if masked and "conditioning_images" in batch and task.conditioning_images_are_masks:
+        return mask_from_conditioning_images(batch["conditioning_images"].to(run.device))
+    if "alpha_masks" in batch and (masked or getattr(run.args, "alpha_mask", False)):
+        return batch["alpha_masks"].to(run.device)
+    return None

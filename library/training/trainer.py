@@ -149,13 +149,13 @@ def prepare_run(args, task: Task):
     # 1. the data, before any model: bad files stop the run here, not an hour in
     family = peek_family(args, task.sdxl)
     if args.dataset_check:
-        return run_dataset_check(args, family)
+        return run_dataset_check(args, family, **task.dataset_support)
     _check_run_trains(args)
     if args.output_dir:
         from library.training.save_policy import prepare_output_dir
 
         prepare_output_dir(args.output_dir, args.output_name or "last")
-    scan = scan_from_args(args, family)
+    scan = scan_from_args(args, family, **task.dataset_support)
     scan.raise_for_problems()
     task.check_data(scan, args)
     if args.debug_dataset:
@@ -371,7 +371,8 @@ def _sample(run: Run, task: Task, step: int, epoch: Optional[int]) -> None:
     optimizer_eval_mode(run.optimizer)
     with ema.weights(run.extra.get("ema"), getattr(run.args, "sample_ema", False)):  # EMA: --sample_ema
         sample_images(run, step, epoch, run.args.sample_prompts, run.args.sample_sampler, run.args.output_dir,
-                      networks=task.sampling_networks(), replacements=task.prompt_replacements())
+                      networks=task.sampling_networks(), replacements=task.prompt_replacements(),
+                      control_nets=task.sampling_control_nets())
     optimizer_train_mode(run.optimizer)
 
 
