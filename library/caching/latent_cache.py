@@ -177,6 +177,8 @@ class LatentCache:
             "original": [int(v) for v in plan.original_size], "resized": [int(v) for v in plan.resized_size],
             "bucket": [int(v) for v in plan.bucket], "left": int(plan.left), "top": int(plan.top),
             "flip": bool(sample.flip), "alpha": bool(sample.alpha_mask), "vae": self.vae_id, "dtype": str(self.dtype),
+            # only when set, so the keys of the default resize (and the caches made with it) stay as they were
+            **({"interpolation": plan.interpolation} if plan.interpolation else {}),
         }
         if conditioning is not None:  # only then: keys of samples without one stay what they were
             parts["conditioning"] = conditioning

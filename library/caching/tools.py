@@ -116,8 +116,9 @@ def collect_cache_items(config, num_workers: int = 2, skip_bad: bool = False) ->
             if plan is None or identity in seen:
                 continue
             seen.add(identity)
-            items.append(CacheItem(entry.path, plan, entry.caption, dataset.subsets[entry.subset_index], d,
-                                   entry.conditioning_path))
+            subset = dataset.subsets[entry.subset_index]
+            plan = plan._replace(interpolation=subset.resize_interpolation or dataset.resize_interpolation)
+            items.append(CacheItem(entry.path, plan, entry.caption, subset, d, entry.conditioning_path))
     return items
 
 

@@ -322,7 +322,8 @@ def bucket_info(assignments: Assignments, repeats: Sequence[int]) -> dict:
 class CropPlan(NamedTuple):
     """How one image becomes a training sample: resize to `resized`, then crop `bucket` at (left, top).
 
-    Offsets are real pixel offsets inside the resized image.
+    Offsets are real pixel offsets inside the resized image. `interpolation` is the subset's
+    `resize_interpolation` (None: area when shrinking, Lanczos when enlarging).
     """
 
     original_size: Size  # (w, h) as loaded, after EXIF orientation
@@ -330,6 +331,7 @@ class CropPlan(NamedTuple):
     bucket: Size
     left: int
     top: int
+    interpolation: Optional[str] = None
 
     @property
     def crop_ltrb(self) -> tuple:

@@ -1,7 +1,8 @@
 """From an image file and its `CropPlan` to the pixels a model sees.
 
-One function does resize (area filter when shrinking, Lanczos when enlarging, as sd-scripts'
-cv2 calls do), crop at the plan's real offsets and optional horizontal flip. The training dataset,
+One function does resize (the plan's `resize_interpolation`; by default area when shrinking and
+Lanczos when enlarging, as sd-scripts' cv2 calls do), crop at the plan's real offsets and optional
+horizontal flip. The training dataset,
 the latent cache and the cache tools all call it, so a cached latent and a freshly encoded one come
 from identical pixels. Conditioning images (loss masks, ControlNet-LLLite hints) take the same path
 with their target image's plan and flip.
@@ -18,19 +19,37 @@ from library.data.bucketing import CropPlan
 from library.data.image_files import load_image_rgb, load_image_with_alpha
 
 
-def _resize(array: np.ndarray, size: tuple) -> np.ndarray:
+# sd-scripts' `resize_interpolation` names → PIL filters. sd-scripts resizes with OpenCV except for
+# lanczos and box; PIL's filters compute the same kernels. OpenCV's "area" averages pixel areas when
+# shrinking (PIL's BOX) and, as OpenCV documents, behaves like nearest-neighbour when enlarging.
+_FILTERS = {
+    "lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR, "linear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC, "cubic": Image.Resampling.BICUBIC, "box": Image.Resampling.BOX,
+}
+
+
+def resize_filter(interpolation: Optional[str], shrinking: bool):
+    """The PIL filter of a `resize_interpolation` value (None: area when shrinking, else Lanczos)."""
+    if interpolation is None:
+        return Image.Resampling.BOX if shrinking else Image.Resampling.LANCZOS
+    if interpolation == "area":
+        return Image.Resampling.BOX if shrinking else Image.Resampling.NEAREST
+    return _FILTERS[interpolation]
+
+
+def _resize(array: np.ndarray, size: tuple, interpolation: Optional[str] = None) -> np.ndarray:
     h, w = array.shape[:2]
     if (w, h) == tuple(size):
         return array
-    shrinking = size[0] * size[1] < w * h
-    resample = Image.Resampling.BOX if shrinking else Image.Resampling.LANCZOS
+    resample = resize_filter(interpolation, shrinking=size[0] * size[1] < w * h)
     mode = "L" if array.ndim == 2 else None
     return np.asarray(Image.fromarray(array, mode=mode).resize(tuple(size), resample=resample))
 
 
 def crop_resized(array: np.ndarray, plan: CropPlan, flip: bool = False) -> np.ndarray:
     """Resize a (H, W[, C]) uint8 array to the plan's size, crop the bucket, optionally flip."""
-    array = _resize(array, plan.resized_size)
+    array = _resize(array, plan.resized_size, plan.interpolation)
     left, top, right, bottom = plan.crop_ltrb
     array = array[top:bottom, left:right]
     if flip:

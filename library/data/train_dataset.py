@@ -286,7 +286,8 @@ class TrainDataset:
             local = {reso: i for i, reso in enumerate(resolutions)}
             for image in images:
                 subset = dataset.params.subsets[image.entry.subset_index]
-                centre = bucketing.plan_crop(image.size, image.resized, image.bucket)
+                centre = bucketing.plan_crop(image.size, image.resized, image.bucket)._replace(
+                    interpolation=subset.resize_interpolation or dataset.params.resize_interpolation)
                 face = face_info_from_name(image.path) if subset.face_crop_aug_range and not dataset.params.enable_bucket else None
                 self._samples.append(_Sample(image, subset, dataset.index, dataset.settings, centre, face))
             bucket_index = np.array([local[image.bucket] for image in images], dtype=np.int64)
@@ -329,11 +330,14 @@ class TrainDataset:
         return bucketing.sample_rng(self.seed, epoch, f"{global_step}:{index}:{position}:{purpose}")
 
     def _plan(self, sample: _Sample, rng: random.Random) -> CropPlan:
+        interpolation = sample.centre.interpolation  # the subset's resize_interpolation, for every crop
         if sample.face is not None:
             return face_crop_plan(sample.image.size, sample.settings.resolution, sample.face,
-                                  sample.subset.face_crop_aug_range, sample.subset.random_crop, rng)
+                                  sample.subset.face_crop_aug_range, sample.subset.random_crop, rng
+                                  )._replace(interpolation=interpolation)
         if sample.subset.random_crop:
-            return bucketing.plan_crop(sample.image.size, sample.image.resized, sample.image.bucket, rng)
+            return bucketing.plan_crop(sample.image.size, sample.image.resized, sample.image.bucket, rng
+                                       )._replace(interpolation=interpolation)
         return sample.centre
 
     def _draw(self, index: int, epoch: int, global_step: int, position: int) -> tuple:
