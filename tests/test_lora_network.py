@@ -513,3 +513,25 @@ def test_lora_fa_keeps_down_frozen(tiny):
     assert {tuple(w.shape) for w in attention} == {(4, 32)}
     values = torch.cat([w.flatten() for w in attention])
     assert float(values.std()) == pytest.approx(math.sqrt(2 / 36), rel=0.1)
+
+
+def test_a_dataset_network_multiplier_holds_for_its_batches_only():
+    """A batch of a dataset with network_multiplier 0.5 scales the LoRA; the next batch of a 1.0 dataset
+    puts the run's --network_multiplier back."""
+    from types import SimpleNamespace
+
+    from library.training.task_network import NetworkTask
+
+    class Network:
+        def __init__(self):
+            self.calls = []
+
+        def set_multiplier(self, value):
+            self.calls.append(value)
+
+    task = NetworkTask(sdxl=False)
+    task.network, task._batch_multiplier = Network(), 0.8
+    run = SimpleNamespace(args=SimpleNamespace(network_multiplier=0.8))
+    for batch_multipliers in ([1.0, 1.0], [0.5, 0.5], [0.5, 0.5], [1.0, 1.0]):
+        task.before_step(run, {"network_multipliers": torch.tensor(batch_multipliers)})
+    assert task.network.calls == [0.4, 0.8]

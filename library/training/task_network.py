@@ -188,6 +188,7 @@ class NetworkTask(Task):
             self._file_tensors = None
         if hasattr(self.network, "set_multiplier"):
             self.network.set_multiplier(args.network_multiplier)
+        self._batch_multiplier = args.network_multiplier
         self.network.to(run.device, dtype=run.precision.train_dtype)
         self.network.train()
         if args.gradient_checkpointing and hasattr(self.network, "enable_gradient_checkpointing"):
@@ -246,8 +247,12 @@ class NetworkTask(Task):
 
     def before_step(self, run: Run, batch: dict) -> None:
         multipliers = batch.get("network_multipliers")
-        if multipliers is not None and hasattr(self.network, "set_multiplier") and bool((multipliers != 1).any()):
-            self.network.set_multiplier(run.args.network_multiplier * float(multipliers.mean()))
+        if multipliers is not None and hasattr(self.network, "set_multiplier"):
+            # a dataset's network_multiplier holds for its batches only: the next batch sets its own
+            wanted = run.args.network_multiplier * float(multipliers.mean())
+            if wanted != self._batch_multiplier:
+                self.network.set_multiplier(wanted)
+            self._batch_multiplier = wanted
         if hasattr(self.network, "on_step_start"):
             self.network.on_step_start()
 
