@@ -9,9 +9,8 @@ import skimage.data
 import torch
 from PIL import Image
 
-from library.data import flags as dataset_flags
 from library.data.bucketing import CropPlan
-from library.data.check import add_dataset_check_arguments, scan_from_args
+from library.data.check import scan_from_args
 from library.data.image_transforms import crop_resized, resize_filter
 from library.data.train_dataset import TrainDataset
 from library.models.families import SD1
@@ -48,14 +47,9 @@ resize_interpolation = "nearest"
 
 
 def _scan(config):
-    p = argparse.ArgumentParser()
-    dataset_flags.add_dataset_arguments(p)
-    dataset_flags.add_config_arguments(p)
-    add_dataset_check_arguments(p)
-    p.add_argument("--train_batch_size", type=int, default=1)
-    p.add_argument("--prior_loss_weight", type=float, default=1.0)
-    p.add_argument("--masked_loss", action="store_true")
-    return scan_from_args(p.parse_args(["--dataset_config", config]), SD1)
+    from tools.check_dataset import build_parser  # the dataset flags as the check tool reads them
+
+    return scan_from_args(build_parser().parse_args(["--dataset_config", config]), SD1)
 
 
 @pytest.mark.parametrize("name, shrinking, expected", [
