@@ -53,7 +53,9 @@ training under cProfile and writes where a step's time goes to CACHE_DIR/profile
 `--fp8` runs every training a second time with `--fp8_base` (frozen U-Net and text encoders held in
 float8_e4m3fn, library/models/fp8_weights.py) and sets its s/step, peak RSS and loss beside the run
 without it: same seed, so the same batches, noise and timesteps, and the loss (the trainer's moving
-average at each step, from the tqdm line) differs only by the weights' rounding. `--only_train` skips
+average at each step, from the tqdm line) differs only by the weights' rounding. A third run without
+fp8 under `--seed 1` gives the yardstick: how far the same short run's loss moves by the seed alone
+(other batches' order, noise and timesteps). `--only_train` skips
 the bare, plain and interleaved runs (the rows that judge the loop's overhead).
 """
 
@@ -508,8 +510,12 @@ def first_use_rows(family: str, train: dict, mixed_precision: str = "no") -> lis
     ]
 
 
-def fp8_rows(family: str, train: dict, fp8: dict, mixed_precision: str = "no") -> list:
-    """The run with --fp8_base against the same run without it (same seed: same batches and noise)."""
+RESEED = 1  # --fp8's yardstick run: the same training under another seed
+
+
+def fp8_rows(family: str, train: dict, fp8: dict, mixed_precision: str = "no", reseeded: dict | None = None) -> list:
+    """The run with --fp8_base against the same run without it (same seed: same batches and noise), and
+    the run without it under another seed: how far a short run's loss moves by chance alone."""
     label = family_label(family, mixed_precision) + " --fp8_base"
     rss, rss_fp8 = train["peak_rss"] / GIB, fp8["peak_rss"] / GIB
     step, step_fp8 = train["step_seconds"], fp8["step_seconds"]
@@ -522,7 +528,11 @@ def fp8_rows(family: str, train: dict, fp8: dict, mixed_precision: str = "no") -
          f"{rss_fp8 / rss:.2f}x", "-", "-"],
         [f"{label}: loss after {len(fp8['losses'])} steps (moving average) / without; largest step difference",
          f"{loss_fp8:.4f} / {loss:.4f}; {100 * gap:.2f} %", "-", f"{loss_fp8 / loss:.4f}x", "-", "-"],
-    ]
+    ] + ([] if reseeded is None else [
+        [(f"{family_label(family, mixed_precision)}: loss after {len(reseeded['losses'])} steps with --seed "
+          f"{RESEED} / --seed 0 (no fp8: the seed's own spread)"), f"{reseeded['losses'][-1]:.4f} / {loss:.4f}", "-",
+         f"{reseeded['losses'][-1] / loss:.4f}x", "-", "-"],
+    ])
 
 
 def render(rows: list) -> str:
@@ -652,11 +662,16 @@ def main(argv=None) -> None:
                         notes.append(f"[{tag} --fp8_base] training: step gaps "
                                      + ", ".join(f"{g:.2f}" for g in fp8["step_gaps"]) + " s; losses "
                                      + ", ".join(f"{x:.4f}" for x in fp8["losses"]))
-                        rows += fp8_rows(family, train, fp8, precision)
+                        print(f"[{tag}] training {args.steps} steps with --seed {RESEED}...", flush=True)
+                        reseeded = measure_training(family, model, data, args.steps, args.threads,
+                                                    ("--seed", str(RESEED)), precision)
+                        notes.append(f"[{tag} --seed {RESEED}] losses "
+                                     + ", ".join(f"{x:.4f}" for x in reseeded["losses"]))
+                        rows += fp8_rows(family, train, fp8, precision, reseeded)
                     else:
                         rows.append([f"{family_label(family, precision)} s/step / peak RSS GiB",
                                      f"{train['step_seconds']:.2f} / {train['peak_rss'] / GIB:.2f}", "-", "-", "-", "-"])
-                    print("\n".join(notes[-2 if fp8 else -1:]), flush=True)
+                    print("\n".join(notes[-3 if fp8 else -1:]), flush=True)
                     continue
                 # bare runs before and after the training, so that a drift of the machine's speed over
                 # those minutes falls on both sides of the step / bare ratio
@@ -669,10 +684,13 @@ def main(argv=None) -> None:
                     plain = measure_bare(family, model, args.iters, args.threads, precision, plain=True)
                 print(f"[{tag}] training {args.steps} steps...", flush=True)
                 train = measure_training(family, model, data, args.steps, args.threads, mixed_precision=precision)
-                fp8 = None
+                fp8 = reseeded = None
                 if args.fp8:
                     print(f"[{tag}] training {args.steps} steps with --fp8_base...", flush=True)
                     fp8 = measure_training(family, model, data, args.steps, args.threads, ("--fp8_base",), precision)
+                    print(f"[{tag}] training {args.steps} steps with --seed {RESEED}...", flush=True)
+                    reseeded = measure_training(family, model, data, args.steps, args.threads,
+                                                ("--seed", str(RESEED)), precision)
                 print(f"[{tag}] bare forward+backward again, {args.iters} iterations...", flush=True)
                 bare = merge_bare(before, measure_bare(family, model, args.iters, args.threads, precision))
                 mixed = None
@@ -688,7 +706,7 @@ def main(argv=None) -> None:
             rows += family_rows(family, train, bare, precision, judged=mixed is None)
             notes.append(details(family, train, bare, precision))
             if fp8 is not None:
-                rows += fp8_rows(family, train, fp8, precision)
+                rows += fp8_rows(family, train, fp8, precision, reseeded)
                 notes[-1] += (f"\n[{tag}] --fp8_base: step gaps " + ", ".join(f"{g:.2f}" for g in fp8["step_gaps"])
                               + " s; losses " + ", ".join(f"{x:.4f}" for x in fp8["losses"]) + " (without: "
                               + ", ".join(f"{x:.4f}" for x in train["losses"]) + ")")
