@@ -42,7 +42,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from library.models.fp8_weights import FP8, dequantize, quantize, upcast_cpu_into
+from library.models.fp8_weights import FP8, dequantize, quantize, release_scratch, upcast_cpu_into
 
 HALF = (torch.float16, torch.bfloat16)
 NARROW = HALF + (FP8,)  # the dtypes a held weight may have below its compute dtype
@@ -397,6 +397,8 @@ def _hold(module: torch.nn.Module, compute_dtype: torch.dtype, fp8: bool) -> int
         for name, b in layer.named_buffers(recurse=False):
             if b.is_floating_point() and b.dtype != compute_dtype:
                 setattr(layer, name, b.to(compute_dtype))
+    if fp8:
+        release_scratch()
     if uses_frozen_layers(module):
         _report_compute_dtype(module, compute_dtype)
     return kept
