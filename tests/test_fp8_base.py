@@ -70,6 +70,27 @@ def test_quantize_rounds_to_nearest_with_a_power_of_two_scale(scale):
     assert ((held - w.double()).abs()[big] <= w.double().abs()[big] / 16).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_upcast_gives_every_code_its_value(dtype):
+    """The table lookups (two codes at a time where aligned, one at a time otherwise) equal PyTorch's
+    own cast for all 256 codes, at even and odd lengths and at offsets that rule out the pairs."""
+    from library.models.fp8_weights import FP8, upcast_cpu_into
+
+    torch.manual_seed(2)
+    codes = torch.randint(0, 256, (4099,), dtype=torch.int32).to(torch.uint8)
+    codes[:256] = torch.arange(256, dtype=torch.int32).to(torch.uint8)  # every code, NaN's included
+    weight = codes.view(FP8)
+    for exponent in (0, 5, -3):
+        expected = (weight.float() * 2.0 ** -exponent).to(dtype)
+        for start, stop in ((0, 4099), (0, 4098), (1, 4099), (0, 1), (2, 3)):
+            for out_offset in (0, 1):  # one element in: output pairs misaligned
+                out = torch.empty(stop - start + out_offset, dtype=dtype)[out_offset:]
+                upcast_cpu_into(out, weight[start:stop], exponent)
+                want = expected[start:stop]
+                assert torch.equal(out.isnan(), want.isnan())
+                assert torch.equal(out[~out.isnan()], want[~want.isnan()])
+
+
 def test_a_non_finite_weight_is_refused_by_name():
     from library.models.frozen_weights import hold_in_fp8
 

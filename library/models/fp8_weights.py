@@ -22,14 +22,16 @@ holding inf or NaN is refused by name instead of being cast to 448 or NaN.
 
 Upcast on the CPU. PyTorch converts float8 to float32 element by element (about 1.5 ns per value
 on a 2-core AVX-512 machine, 7x an fp16 upcast). There are only 256 byte values, so the upcast
-here is a table lookup (`index_select` of a 256-entry table, already scaled, in the compute
-dtype) at about 0.75 ns per value; the bytes are widened to int32 indices, up to 4M at a time.
-On CUDA the plain `.to(dtype)` is fast and is used.
+here is a table lookup (`index_select` of a table already scaled, in the compute dtype), two codes
+at a time (a 65536-entry table of value pairs) at about 0.4 ns per value, or one at a time (0.75 ns)
+where a tensor's bytes are not aligned for it; the codes are widened to int32 indices, up to 4M at
+a time. On CUDA the plain `.to(dtype)` is fast and is used.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import threading
 
 import torch
@@ -109,12 +111,26 @@ def dequantize(weight: torch.Tensor, exponent: int, dtype: torch.dtype) -> torch
 
 _CODES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8).to(torch.float32)
 _tables: dict = {}  # (dtype, exponent) -> the 256 values of the byte codes, scaled, in dtype
+_pair_tables: dict = {}  # (dtype, exponent) -> the 65536 values of two byte codes, as packed bits
+_PACKED = {2: (torch.int16, torch.int32, 0xFFFF), 4: (torch.int32, torch.int64, 0xFFFFFFFF)}
 
 
 def _table(dtype: torch.dtype, exponent: int) -> torch.Tensor:
     table = _tables.get((dtype, exponent))
     if table is None:
         table = _tables[(dtype, exponent)] = (_CODES * 2.0 ** -exponent).to(dtype)
+    return table
+
+
+def _pair_table(dtype: torch.dtype, exponent: int) -> torch.Tensor:
+    """Entry `lo | hi << 8` holds the values of the codes lo and hi side by side, as one integer
+    twice the width of `dtype` (little-endian: lo first in memory)."""
+    table = _pair_tables.get((dtype, exponent))
+    if table is None:
+        bits, packed, mask = _PACKED[dtype.itemsize]
+        one = _table(dtype, exponent).view(bits).to(packed) & mask
+        width = 8 * dtype.itemsize
+        table = _pair_tables[(dtype, exponent)] = (one.view(1, 256) | (one.view(256, 1) << width)).reshape(-1)
     return table
 
 
@@ -126,12 +142,8 @@ class _Indices(threading.local):
 _indices = _Indices()
 
 
-def upcast_cpu_into(out: torch.Tensor, weight: torch.Tensor, exponent: int) -> torch.Tensor:
-    """Write `weight * 2**-exponent` (a contiguous float8 CPU tensor) into `out` (contiguous, same
-    number of values, any float dtype) by table lookup; returns `out`."""
-    table = _table(out.dtype, exponent)
-    codes = weight.view(torch.uint8).reshape(-1)
-    flat = out.view(-1)
+def _lookup(table: torch.Tensor, codes: torch.Tensor, out: torch.Tensor) -> None:
+    """out[i] = table[codes[i]] for integer `codes`, widened to int32 indices up to _CHUNK at a time."""
     if _indices.buffer.numel() < min(codes.numel(), _CHUNK):
         _indices.buffer = torch.empty(min(codes.numel(), _CHUNK), dtype=torch.int32)
     index = _indices.buffer
@@ -139,5 +151,28 @@ def upcast_cpu_into(out: torch.Tensor, weight: torch.Tensor, exponent: int) -> t
         stop = min(start + _CHUNK, codes.numel())
         n = stop - start
         index[:n].copy_(codes[start:stop])
-        torch.index_select(table, 0, index[:n], out=flat[start:stop])
+        torch.index_select(table, 0, index[:n], out=out[start:stop])
+
+
+def upcast_cpu_into(out: torch.Tensor, weight: torch.Tensor, exponent: int) -> torch.Tensor:
+    """Write `weight * 2**-exponent` (a contiguous float8 CPU tensor) into `out` (contiguous, same
+    number of values, any float dtype) by table lookup; returns `out`.
+
+    Two codes per lookup where the memory allows it: the byte pairs read as 16-bit indices into a
+    65536-entry table of value pairs (256 KiB for 2-byte dtypes, 512 KiB for float32, in cache),
+    about 1.7-1.9x faster than a lookup per value on a 2-core AVX-512 machine (0.38 against
+    0.67-0.78 ns per value to bf16)."""
+    codes = weight.view(torch.uint8).reshape(-1)
+    flat = out.view(-1)
+    n = codes.numel()
+    pairs = n // 2
+    packed = _PACKED.get(out.dtype.itemsize)
+    if (packed and pairs and sys.byteorder == "little" and codes.data_ptr() % 2 == 0
+            and flat.data_ptr() % (2 * out.dtype.itemsize) == 0):
+        _lookup(_pair_table(out.dtype, exponent), codes[:2 * pairs].view(torch.uint16),
+                flat[:2 * pairs].view(packed[1]))
+        if n % 2:
+            _lookup(_table(out.dtype, exponent), codes[-1:], flat[-1:])
+        return out
+    _lookup(_table(out.dtype, exponent), codes, flat)
     return out
