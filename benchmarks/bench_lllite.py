@@ -6,7 +6,7 @@
 Settings: the seeded random full-size SDXL checkpoint the LoRA benchmark uses
 (`tools/make_random_model.py --size full --precision fp16`, generated once into the cache folder),
 its four 256×256 photos, batch 1, cached latents and text-encoder outputs, in fresh child processes
-measured from outside (bench_train_network.py's `Watched`: tqdm step times time-stamped as they
+measured from outside (`Watched` of watched_child.py: tqdm step times time-stamped as they
 arrive, the kernel's peak RSS of the trainer):
 
 * LLLite: `sdxl_train_control_net_lllite.py --cond_emb_dim 32 --network_dim 64` (sd-scripts' canny
@@ -29,10 +29,10 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_checkpoints import DEFAULT_CACHE, ensure_checkpoint  # noqa: E402
-from bench_train_network import (GIB, MIN_AVAILABLE, OutOfMemory, Watched, child_env, ensure_photos,  # noqa: E402
-                                 mem_available, step_times)
+from bench_train_network import ensure_photos  # noqa: E402
 from machine_load import OtherLoad  # noqa: E402
 from train_children import RESOLUTION, training_args  # noqa: E402
+from watched_child import GIB, MIN_AVAILABLE, OutOfMemory, Watched, child_env, mem_available, step_times  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEEDED = 14 * GIB  # an SDXL float32 run holds about 10 GiB; leave room for the rest of the machine
@@ -117,7 +117,7 @@ def main(argv=None) -> None:
                     f"{max(r['peak_rss'] for r in runs['lllite']) / GIB:.2f} |")
     print()
     print(OtherLoad.describe(others.share()))
-    print(f"| run | LoRA s/step | LLLite s/step | LLLite / LoRA (per round) | LoRA peak RSS GiB | LLLite peak RSS GiB |")
+    print("| run | LoRA s/step | LLLite s/step | LLLite / LoRA (per round) | LoRA peak RSS GiB | LLLite peak RSS GiB |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))
 
