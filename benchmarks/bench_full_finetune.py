@@ -37,6 +37,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_checkpoints import checkpoint_path  # noqa: E402
+from watched_child import mem_available  # noqa: E402
 GIB = 1024**3
 SD15_UNET_PARAMS = 859_520_964  # trained tensors of a full fine-tune (U-Net only)
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
@@ -71,14 +72,6 @@ def _reset_high_water_mark() -> bool:
         return True
     except OSError:
         return False
-
-
-def _available_bytes() -> int:
-    with open("/proc/meminfo", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +223,7 @@ def main(argv=None) -> int:
                 rows.append((label, None, "not run: needs bitsandbytes + CUDA (here it falls back to AdamW, "
                                           "same as the AdamW row)"))
                 continue
-            need, have = estimated_bytes(name), _available_bytes()
+            need, have = estimated_bytes(name), mem_available()
             if need > have:
                 rows.append((label, None, f"skipped: needs about {need / GIB:.1f} GiB, {have / GIB:.1f} GiB available"))
                 continue
