@@ -109,6 +109,16 @@ def external_sd1(tmp_path_factory):
     return build_external_sd1(str(tmp_path_factory.mktemp("external") / "sd1"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module's tests: the tiny models are bound by per-op overhead, and extra
+    threads only fight the other test worker for the 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def restore_logging():
     """Undo what a test did to the root logger (level, handlers: --console_log_level/_file)."""

@@ -20,12 +20,7 @@ TINY_WIDTH = {"input_blocks_4": 64, "input_blocks_5": 64, "input_blocks_7": 96, 
               "middle_block_1": 96}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def fixture_tensors():

@@ -20,13 +20,7 @@ FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", 
 SMALL = BatchSettings(64, 64, steps=3, sampler="euler")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the tiny models are overhead-bound; extra threads only fight other processes for 2 cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def tiny(family, seed=0):

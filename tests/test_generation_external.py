@@ -23,12 +23,7 @@ PROMPTS = [f"{a} {b}" for a in ("a", "cat", "dog", "red", "blue", "photo", "hous
            for b in ("a", "of", "the", "on", "in", "car", "sky", "sun", "boy", "cat")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,7 @@ from library.generation.sampling import sample_file_name, sample_images
 from library.text.tokenizer import load_tokenizers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def make_run(family, output_name="run", **args):
