@@ -75,9 +75,7 @@ def main(argv=None):
                           lora_files.precision(args.load_precision), *devices)
     v_param = args.v2 if args.v_parameterization is None else args.v_parameterization
     save_dtype = lora_files.precision(args.save_precision, lora_files.PRECISIONS["float"])
-    tensors = lora_files.cast_tensors(tensors, save_dtype)
-    meta = lora_files.tool_metadata(tensors, [], family, bool(v_param), save_to, args.no_metadata)
-    lora_files.save_lora(save_to, tensors, meta, save_dtype)
+    tensors = lora_files.save_tool_lora(save_to, tensors, save_dtype, [], family, bool(v_param), args.no_metadata)
     print(f"saved {save_to}: {len(tensors) // 3} modules")
 
 

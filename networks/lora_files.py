@@ -183,6 +183,17 @@ def save_lora(path: str, tensors: Dict[str, torch.Tensor], metadata: Optional[Di
         checkpoint_io.save_pickle_checkpoint(tensors, path)
 
 
+def save_tool_lora(path: str, tensors: Dict[str, torch.Tensor], dtype: Optional[torch.dtype],
+                   inputs: Sequence[LoraFile], family: ModelFamily, v_parameterization: bool, no_metadata: bool,
+                   merged_from: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
+    """Save a LoRA a tool made: cast to `dtype` first, so the metadata (`tool_metadata`) describes the
+    tensors as written (an alpha rounded to fp16, say). Returns the tensors written."""
+    tensors = cast_tensors(tensors, dtype)
+    meta = tool_metadata(tensors, inputs, family, v_parameterization, path, no_metadata, merged_from=merged_from)
+    save_lora(path, tensors, meta, dtype)
+    return tensors
+
+
 def check_output(path: Optional[str], inputs: Sequence[str] = (), flag: str = "--save_to",
                  extensions: Sequence[str] = (".safetensors", ".ckpt", ".pt", ".pth")) -> str:
     """The output path, checked before any work: given, a known extension, not one of the inputs."""

@@ -100,10 +100,8 @@ def _into_lora(args, sdxl: bool, files, ratios, precision, save_to: str) -> None
     generator = torch.Generator().manual_seed(0) if args.shuffle else None
     tensors = combine(files, ratios, args.concat, args.shuffle, weights, precision, generator)
     save_dtype = lora_files.precision(args.save_precision, precision)
-    tensors = lora_files.cast_tensors(tensors, save_dtype)
-    meta = lora_files.tool_metadata(tensors, files, family, v_param, save_to, args.no_metadata,
-                                    merged_from=[f.title for f in files])
-    lora_files.save_lora(save_to, tensors, meta, save_dtype)
+    lora_files.save_tool_lora(save_to, tensors, save_dtype, files, family, v_param, args.no_metadata,
+                              merged_from=[f.title for f in files])
 
 
 def _into_checkpoint(args, sdxl: bool, files, ratios, precision, save_to: str) -> None:

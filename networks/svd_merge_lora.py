@@ -55,10 +55,8 @@ def main(argv=None):
     weights = block_weights(args, files, family.is_sdxl)
     tensors = svd_merge(files, ratios, args.new_rank, args.new_conv_rank, weights, precision, device)
     save_dtype = lora_files.precision(args.save_precision, precision)
-    tensors = lora_files.cast_tensors(tensors, save_dtype)
-    meta = lora_files.tool_metadata(tensors, files, family, v_param, save_to, args.no_metadata,
-                                    merged_from=[f.title for f in files])
-    lora_files.save_lora(save_to, tensors, meta, save_dtype)
+    lora_files.save_tool_lora(save_to, tensors, save_dtype, files, family, v_param, args.no_metadata,
+                              merged_from=[f.title for f in files])
     print(f"saved {save_to}")
 
 
